@@ -1,0 +1,91 @@
+"""Multi-process helpers: join a run, know who is primary, share host data, wait for everyone.
+
+Every process runs the same program and the same jitted computations. Host-side decisions (the
+fast loop's chosen contexts, whether to checkpoint now) are taken on process 0 and broadcast
+with ``broadcast_host_object`` so that all processes act on identical data.
+
+``initialize`` reads its arguments from the environment when they are not given, so launch
+scripts only set variables (see ``launch/README.md``):
+
+- ``FST_COORDINATOR`` (``host:port``, or ``auto`` to let JAX detect TPU pods / Slurm / MPI),
+- ``FST_NUM_PROCESSES`` and ``FST_PROCESS_ID``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+logger = logging.getLogger(__name__)
+
+_MIN_BUFFER = 256
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+    """Join a multi-process JAX run; call before any other JAX work. Returns True if joined.
+
+    Missing arguments come from ``FST_COORDINATOR``, ``FST_NUM_PROCESSES``, ``FST_PROCESS_ID``.
+    ``coordinator="auto"`` lets ``jax.distributed.initialize`` detect the cluster (TPU pod,
+    Slurm, Open MPI). With no coordinator, or a single process, this is a no-op (returns False).
+    Calling it again after a successful join is a no-op that returns True.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    coordinator = coordinator or os.environ.get("FST_COORDINATOR") or None
+    if num_processes is None and os.environ.get("FST_NUM_PROCESSES"):
+        num_processes = int(os.environ["FST_NUM_PROCESSES"])
+    if process_id is None and os.environ.get("FST_PROCESS_ID"):
+        process_id = int(os.environ["FST_PROCESS_ID"])
+    if coordinator == "auto":
+        jax.distributed.initialize()
+    elif coordinator is None or num_processes in (None, 1):
+        return False
+    else:
+        if process_id is None:
+            raise ValueError("distributed.initialize: process_id (or FST_PROCESS_ID) is required")
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    logger.info("joined distributed run: process %d of %d, %d local / %d global devices",
+                jax.process_index(), jax.process_count(), jax.local_device_count(),
+                jax.device_count())
+    return True
+
+
+def is_primary() -> bool:
+    """True on process 0 (the one that runs the fast loop, logs and decides)."""
+    return jax.process_index() == 0
+
+
+def broadcast_host_object(obj: Any) -> Any:
+    """Process 0's ``obj``, JSON round-tripped, on every process (other processes' ``obj`` is
+    ignored). All processes must call it. Tuples come back as lists, as with ``json``."""
+    if jax.process_count() == 1:
+        return json.loads(json.dumps(obj))
+    payload = json.dumps(obj).encode() if is_primary() else b""
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(payload))))
+    # Pad to a power of two so that varying payload sizes reuse a few compiled broadcasts.
+    buffer = np.zeros(max(_MIN_BUFFER, 1 << (size - 1).bit_length()), np.uint8)
+    if is_primary():
+        buffer[:size] = np.frombuffer(payload, np.uint8)
+    buffer = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+    return json.loads(buffer[:size].tobytes().decode())
+
+
+def all_processes_agree(flag: bool) -> bool:
+    """True iff ``flag`` is True on every process (all processes must call it)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    flags = multihost_utils.process_allgather(np.array([bool(flag)], np.int32))
+    return bool(np.all(flags))
+
+
+def sync(name: str) -> None:
+    """Barrier: return once every process has reached ``sync(name)`` (no-op single-process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
