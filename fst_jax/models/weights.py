@@ -46,6 +46,16 @@ def _layer_map(cfg: ModelConfig) -> dict[str, str]:
     return m
 
 
+def _hf_shape(name: str, cfg: ModelConfig) -> tuple[int, ...]:
+    """The HF per-layer tensor shape of our stacked weight ``name``."""
+    H, K, hd, D, F = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size,
+                      cfg.intermediate_size)
+    return {"attn_norm": (D,), "mlp_norm": (D,), "wq": (H * hd, D), "wk": (K * hd, D),
+            "wv": (K * hd, D), "wo": (D, H * hd), "bq": (H * hd,), "bk": (K * hd,),
+            "bv": (K * hd,), "q_norm": (hd,), "k_norm": (hd,), "w_gate": (F, D), "w_up": (F, D),
+            "w_down": (D, F)}[name]
+
+
 def _to_ours(name: str, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
     H, K, hd, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
     if name in ("wq", "wk", "wv"):  # [heads*hd, D] -> [D, heads, hd]
@@ -75,22 +85,25 @@ def hf_to_params(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict:
     """HF-named tensors -> our nested param dict (NumPy, ``cfg.param_dtype``)."""
     dt = np.dtype(jnp.dtype(cfg.param_dtype))
 
-    def get(name):
+    def get(name, shape):
         if name not in tensors:
             raise WeightsError(f"weight {name!r} missing from checkpoint")
-        return np.asarray(tensors[name], dtype=np.float32)
+        w = np.asarray(tensors[name], dtype=np.float32)
+        if w.shape != shape:
+            raise WeightsError(f"weight {name!r} has shape {w.shape}, config expects {shape}")
+        return w
 
     layers = {}
     for ours, theirs in _layer_map(cfg).items():
-        stacked = np.stack([_to_ours(ours, get(theirs.format(i=i)), cfg) for i in range(cfg.num_layers)])
+        shape = _hf_shape(ours, cfg)
+        stacked = np.stack([_to_ours(ours, get(theirs.format(i=i), shape), cfg)
+                            for i in range(cfg.num_layers)])
         layers[ours] = stacked.astype(dt)
-    params = {"embed": get("model.embed_tokens.weight").astype(dt), "layers": layers,
-              "final_norm": get("model.norm.weight").astype(dt)}
+    V, D = cfg.vocab_size, cfg.hidden_size
+    params = {"embed": get("model.embed_tokens.weight", (V, D)).astype(dt), "layers": layers,
+              "final_norm": get("model.norm.weight", (D,)).astype(dt)}
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = get("lm_head.weight").T.astype(dt)
-    expected = {"embed": (cfg.vocab_size, cfg.hidden_size)}
-    if params["embed"].shape != expected["embed"]:
-        raise WeightsError(f"embed shape {params['embed'].shape} != config's {expected['embed']}")
+        params["lm_head"] = get("lm_head.weight", (V, D)).T.astype(dt)
     return params
 
 
