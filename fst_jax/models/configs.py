@@ -74,6 +74,15 @@ class ModelConfig:
         model_type = hf.get("model_type")
         if model_type not in _HF_ARCH:
             raise ConfigError(f"unsupported model_type {model_type!r}; supported: {sorted(_HF_ARCH)}")
+        unsupported = {
+            "attention_bias": model_type != "qwen2" and hf.get("attention_bias"),  # adds o_proj bias
+            "mlp_bias": hf.get("mlp_bias"),
+            "use_sliding_window": hf.get("use_sliding_window"),
+            "hidden_act": hf.get("hidden_act", "silu") != "silu",
+        }
+        for key, bad in unsupported.items():
+            if bad:
+                raise ConfigError(f"{model_type} config with {key}={hf[key]!r} is not supported")
         num_heads = hf["num_attention_heads"]
         rs = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
         rope_type = rs.get("rope_type", rs.get("type", "default"))
@@ -98,7 +107,7 @@ class ModelConfig:
             rope_scaling=scaling,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+            attention_bias=model_type == "qwen2",
             qk_norm=model_type == "qwen3",
             max_position_embeddings=int(hf.get("max_position_embeddings", 8192)),
         )
