@@ -1,0 +1,129 @@
+"""The train batch: token rows ``[context | task | completion]`` with per-token and per-row fields.
+
+Row layout (``T = P + C``, both from static length buckets)::
+
+    [pad ... pad | prompt (context + task) | completion | pad ... pad]
+     <---------- P (left-padded) ---------> <------ C (right-padded) ---->
+
+Alignment: every ``[B, T]`` array at index ``t`` refers to token ``t``, predicted from tokens
+``< t``. ``loss_mask[b, t]`` is True iff token ``t`` is a real completion token;
+``sampler_logp[b, t]`` / ``ref_logp[b, t]`` are the sampler's / reference model's
+``log pi(tokens[b, t] | tokens[b, :t])`` there (0 elsewhere). Positions count real tokens from 0
+(``positions_from_mask``), the same convention the sampler uses. Padding rows (to reach a
+static batch size) and rows of dropped groups have an all-False ``loss_mask``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import struct
+from jax.sharding import Mesh
+
+from fst_jax.rl.advantages import AdvantageConfig, compute_advantages
+from fst_jax.sharding import batch_sharding
+
+
+@struct.dataclass
+class TrainBatch:
+    """Leading axis ``B`` everywhere (sharded over ``("data", "fsdp")``).
+
+    tokens, positions: int32 ``[B, T]``; mask, loss_mask: bool ``[B, T]``;
+    sampler_logp, ref_logp: float32 ``[B, T]``; advantages, rewards: float32 ``[B]``;
+    group_ids (problem, in ``[0, B)``), context_ids: int32 ``[B]``.
+    """
+
+    tokens: jax.Array
+    positions: jax.Array
+    mask: jax.Array
+    loss_mask: jax.Array
+    sampler_logp: jax.Array
+    ref_logp: jax.Array
+    advantages: jax.Array
+    rewards: jax.Array
+    group_ids: jax.Array
+    context_ids: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.tokens.shape
+
+
+def bucket(n: int, buckets: Sequence[int] | None = None, minimum: int = 16) -> int:
+    """The smallest of ``buckets`` >= n (default: powers of two >= ``minimum``)."""
+    if buckets is None:
+        b = minimum
+        while b < n:
+            b *= 2
+        return b
+    for b in sorted(buckets):
+        if b >= n:
+            return b
+    raise ValueError(f"length {n} exceeds the largest bucket {max(buckets)}")
+
+
+def build_train_batch(prompt_tokens: Sequence[Sequence[int]], completion_tokens: Sequence[Sequence[int]],
+                      completion_logps: Sequence[Sequence[float]], rewards: Sequence[float],
+                      group_ids: Sequence, context_ids: Sequence[int], *, pad_id: int,
+                      advantage: AdvantageConfig = AdvantageConfig(), num_rows: int | None = None,
+                      prompt_buckets: Sequence[int] | None = None,
+                      completion_buckets: Sequence[int] | None = None) -> TrainBatch:
+    """A host (NumPy) ``TrainBatch`` from per-row lists.
+
+    ``completion_logps[i]`` holds the sampler's log-prob of each token of ``completion_tokens[i]``.
+    ``group_ids`` may be any hashable problem keys; they are renumbered ``0..G-1``. Prompt and
+    completion lengths are padded up to ``bucket`` sizes and the row count up to ``num_rows``
+    (default: the number of rows), so shapes stay fixed from step to step. Advantages are
+    computed here with ``advantage`` (rows of dropped groups get an empty ``loss_mask``).
+    """
+    n = len(prompt_tokens)
+    if not (len(completion_tokens) == len(completion_logps) == len(rewards) == len(group_ids)
+            == len(context_ids) == n):
+        raise ValueError("all per-row inputs must have the same length")
+    if any(len(p) == 0 for p in prompt_tokens):
+        raise ValueError("every prompt needs at least one token")
+    if any(len(c) != len(lp) for c, lp in zip(completion_tokens, completion_logps)):
+        raise ValueError("completion_logps must match completion_tokens token for token")
+    B = num_rows or n
+    if B < n:
+        raise ValueError(f"num_rows={B} < {n} rows")
+    P = bucket(max(len(p) for p in prompt_tokens), prompt_buckets)
+    C = bucket(max(max((len(c) for c in completion_tokens), default=1), 1), completion_buckets)
+    T = P + C
+    tokens = np.full((B, T), pad_id, np.int32)
+    mask = np.zeros((B, T), bool)
+    loss_mask = np.zeros((B, T), bool)
+    sampler_logp = np.zeros((B, T), np.float32)
+    for i, (p, c, lp) in enumerate(zip(prompt_tokens, completion_tokens, completion_logps)):
+        tokens[i, P - len(p):P] = p
+        tokens[i, P:P + len(c)] = c
+        mask[i, P - len(p):P + len(c)] = True
+        loss_mask[i, P:P + len(c)] = True
+        sampler_logp[i, P:P + len(c)] = lp
+    keys = {}
+    gids = np.array([keys.setdefault(g, len(keys)) for g in group_ids] + [len(keys)] * (B - n),
+                    np.int32)
+    valid = np.arange(B) < n
+    r = np.zeros(B, np.float32)
+    r[:n] = rewards
+    adv, keep = compute_advantages(advantage, r, gids, valid)
+    loss_mask &= np.asarray(keep)[:, None]
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+    ctx = np.zeros(B, np.int32)
+    ctx[:n] = context_ids
+    return TrainBatch(tokens=tokens, positions=positions, mask=mask, loss_mask=loss_mask,
+                      sampler_logp=sampler_logp, ref_logp=np.zeros((B, T), np.float32),
+                      advantages=np.asarray(adv, np.float32), rewards=r, group_ids=gids,
+                      context_ids=ctx)
+
+
+def batch_shardings(batch: TrainBatch, mesh: Mesh) -> TrainBatch:
+    """Each field sharded on its leading (batch) axis over ``("data", "fsdp")``."""
+    return jax.tree.map(lambda x: batch_sharding(mesh, np.ndim(x)), batch)
+
+
+def shard_batch(batch: TrainBatch, mesh: Mesh) -> TrainBatch:
+    """Put a host batch on ``mesh`` (``B`` must be divisible by ``data * fsdp``)."""
+    return jax.device_put(batch, batch_shardings(batch, mesh))

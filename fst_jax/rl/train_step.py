@@ -1,0 +1,293 @@
+"""The slow-weights learner: ``TrainState``, the jitted ``train_step`` and reference log-probs.
+
+``init_train_state`` splits a model into trained weights, LoRA adapters, frozen weights and (for
+full fine-tuning with a KL term) one reference copy; only the trained part has optimizer state.
+``make_train_step`` builds ``train_step(state, batch) -> (state, metrics)``: jitted once with
+explicit shardings (weights by logical axes, batch over ``("data", "fsdp")``), the state donated.
+The batch is split into ``micro_batches`` strided slices (row ``i`` goes to micro-batch
+``i % k``); each slice's loss is an unreduced sum over the whole batch's denominator, so the
+accumulated gradient equals the full-batch one. A step whose loss or gradients are not finite
+(or that has no completion tokens) leaves weights and optimizer state unchanged and counts in
+``state.skipped``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh
+
+from fst_jax.config import ConfigError, require
+from fst_jax.models.transformer import Transformer
+from fst_jax.rl.advantages import AdvantageConfig
+from fst_jax.rl.batch import TrainBatch
+from fst_jax.rl.kl import KL_ESTIMATORS, KLConfig
+from fst_jax.rl.lora import LoraConfig, apply_lora, init_lora
+from fst_jax.rl.losses import (POLICY_LOSSES, LossConfig, aggregation_weights, policy_loss,
+                               weighted_sum)
+from fst_jax.rl.optimizer import OptimizerConfig, learning_rate, make_optimizer
+from fst_jax.sharding import batch_sharding, logical_to_spec, replicated
+
+sg = jax.lax.stop_gradient
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+    """Everything the slow-weights learner needs.
+
+    ``trainable``: regex (``re.search``) over ``/``-joined weight paths such as ``layers/wq``,
+    ``embed``, ``final_norm``; None means every weight without LoRA and none with LoRA.
+    ``micro_batches`` must divide the batch size (and ``B / micro_batches`` should be a multiple
+    of ``data * fsdp``). With LoRA and a KL term the reference is the frozen backbone, so then
+    no base weight may be trained.
+    """
+
+    loss: LossConfig = LossConfig()
+    advantage: AdvantageConfig = AdvantageConfig()
+    kl: KLConfig = KLConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    lora: LoraConfig = LoraConfig()
+    trainable: str | None = None
+    micro_batches: int = 1
+
+    def __post_init__(self):
+        require(self.micro_batches >= 1, "micro_batches must be >= 1")
+        if self.trainable is not None:
+            try:
+                re.compile(self.trainable)
+            except re.error as e:
+                raise ConfigError(f"trainable is not a valid regex: {e}") from None
+        require(not (self.lora.enabled and self.kl.beta > 0 and self.trainable is not None),
+                "with LoRA and kl.beta > 0 the frozen base is the reference: set trainable=None")
+
+
+@struct.dataclass
+class TrainState:
+    """A plain pytree (orbax-saveable).
+
+    params: trained model weights (``nnx.State``; empty with LoRA unless ``trainable`` is set);
+    lora: LoRA adapters (empty without LoRA); frozen: weights not trained (no optimizer state);
+    ref: the reference weights for full fine-tuning with ``beta > 0`` (empty otherwise; with
+    LoRA the reference is ``frozen``); opt_state: optax state of ``(params, lora)``;
+    step: int32 train_step calls; skipped: int32 steps skipped by the guard; rng: uint32 ``[2]``
+    key, split every step.
+    """
+
+    params: nnx.State
+    lora: nnx.State
+    frozen: nnx.State
+    ref: nnx.State
+    opt_state: Any
+    step: jax.Array
+    skipped: jax.Array
+    rng: jax.Array
+
+    def weights(self) -> nnx.State:
+        """The base model weights (adapters not applied)."""
+        return nnx.merge_state(self.params, self.frozen)
+
+
+def _trainable_filter(cfg: LearnerConfig) -> Callable:
+    if cfg.trainable is None:
+        return lambda path, x: not cfg.lora.enabled
+    pattern = re.compile(cfg.trainable)
+    return lambda path, x: bool(pattern.search("/".join(map(str, path))))
+
+
+def state_shardings(state: Any, mesh: Mesh) -> Any:
+    """NamedShardings for a pytree (e.g. ``TrainState``): every ``nnx.Variable`` (weights and
+    the optimizer moments that mirror them) by its logical axes, everything else replicated."""
+
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            axes = x.get_metadata().get("logical_axes") or (None,) * len(x.shape)
+            return x.replace(jax.sharding.NamedSharding(mesh, logical_to_spec(tuple(axes), x.shape, mesh)))
+        return replicated(mesh)
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def init_train_state(model: Transformer, cfg: LearnerConfig, mesh: Mesh,
+                     seed: int = 0) -> tuple[nnx.GraphDef, TrainState]:
+    """Split ``model`` per ``cfg``, build optimizer state, and place everything on ``mesh``."""
+    graphdef, params, frozen = nnx.split(model, _trainable_filter(cfg), ...)
+    lora = init_lora(frozen, cfg.lora, seed) if cfg.lora.enabled else nnx.State({})
+    full_ref = cfg.kl.beta > 0 and not cfg.lora.enabled
+    ref = jax.tree.map(jnp.copy, nnx.merge_state(params, frozen)) if full_ref else nnx.State({})
+    state = TrainState(params=params, lora=lora, frozen=frozen, ref=ref,
+                       opt_state=make_optimizer(cfg.optimizer).init((params, lora)),
+                       step=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32),
+                       rng=jax.random.key_data(jax.random.key(seed)))
+    return graphdef, jax.device_put(state, state_shardings(state, mesh))
+
+
+def token_logprobs(model: Transformer, tokens, positions, mask, with_entropy: bool = False):
+    """``logp [B, T]`` float32 of each token given the ones before (0 at ``t = 0``) and, if
+    asked, the policy's entropy ``[B, T]`` at each predicted position (no gradient)."""
+    x, _ = model.hidden(tokens, positions, mask)
+    logits = model.logits(x[:, :-1])  # [B, T-1, V] float32
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    logp = jnp.pad(picked - lse, ((0, 0), (1, 0)))
+    if not with_entropy:
+        return logp, None
+    lg = sg(logits)
+    ent = sg(lse) - jnp.sum(jax.nn.softmax(lg, axis=-1) * lg, axis=-1)
+    return logp, jnp.pad(ent, ((0, 0), (1, 0)))
+
+
+def _split(x, k):
+    """``[B, ...]`` -> ``[k, B/k, ...]`` with row ``i`` in slice ``i % k`` (keeps each device's
+    rows on that device)."""
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+
+def _unsplit(x):
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+def _batch_shardings(mesh: Mesh) -> TrainBatch:
+    two, one = batch_sharding(mesh, 2), batch_sharding(mesh, 1)
+    return TrainBatch(tokens=two, positions=two, mask=two, loss_mask=two, sampler_logp=two,
+                      ref_logp=two, advantages=one, rewards=one, group_ids=one, context_ids=one)
+
+
+def _check_batch(batch: TrainBatch, cfg: LearnerConfig):
+    B = batch.tokens.shape[0]
+    if B % cfg.micro_batches:
+        raise ValueError(f"batch size {B} is not divisible by micro_batches={cfg.micro_batches}")
+
+
+def _masked_stats(mask, logp, sampler_logp):
+    """Sampler-vs-trainer log-prob mismatch over completion tokens."""
+    n = jnp.maximum(mask.sum(), 1)
+    diff = jnp.where(mask, jnp.abs(logp - sampler_logp), 0.0)
+    mx, my = (jnp.where(mask, v, 0.0).sum() / n for v in (logp, sampler_logp))
+    dx, dy = jnp.where(mask, logp - mx, 0.0), jnp.where(mask, sampler_logp - my, 0.0)
+    corr = (dx * dy).sum() / jnp.sqrt(jnp.maximum((dx * dx).sum() * (dy * dy).sum(), 1e-30))
+    return {"logp_diff_mean": diff.sum() / n, "logp_diff_max": diff.max(), "logp_pearson": corr}
+
+
+def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfig,
+                    mesh: Mesh) -> Callable[[TrainState, TrainBatch], tuple[TrainState, dict]]:
+    """``train_step(state, batch) -> (state, metrics)``, jitted with ``state`` donated.
+
+    ``state`` (a TrainState or its ``jax.eval_shape``) only fixes the structure and shardings.
+    ``batch.ref_logp`` must hold ``ref_logprobs(state, batch)`` when ``cfg.kl.beta > 0``.
+    Metrics (float32 scalars): loss, loss_policy, loss_kl, kl (token mean of the estimator's
+    value), entropy, clip_high/clip_low (token fractions), grad_norm, logp_diff_mean,
+    logp_diff_max, logp_pearson, tokens, reward_mean, lr, applied (1 or 0), skipped (total).
+    """
+    opt = make_optimizer(cfg.optimizer)
+    schedule = learning_rate(cfg.optimizer)
+    k, beta = cfg.micro_batches, cfg.kl.beta
+    kl_fn = KL_ESTIMATORS[cfg.kl.estimator]
+
+    def model_for(trainable, frozen):
+        params, lora = trainable
+        weights = nnx.merge_state(params, frozen)
+        if cfg.lora.enabled:
+            weights = apply_lora(weights, lora, cfg.lora)
+        return nnx.merge(graphdef, weights)
+
+    def micro_loss(trainable, frozen, mb: TrainBatch, row_w, denom):
+        model = model_for(trainable, frozen)
+        logp, ent = token_logprobs(model, mb.tokens, mb.positions, mb.mask, with_entropy=True)
+        token_loss, _ = POLICY_LOSSES[cfg.loss.name].fn(logp, mb.sampler_logp, mb.advantages,
+                                                        cfg.loss)
+        total = weighted_sum(token_loss, mb.loss_mask, row_w)
+        if beta > 0:
+            total = total + beta * weighted_sum(kl_fn(logp, mb.ref_logp), mb.loss_mask, row_w)
+        return total / denom, (logp, ent)
+
+    def step_fn(state: TrainState, batch: TrainBatch):
+        mask = batch.loss_mask
+        row_w, row_d = aggregation_weights(cfg.loss, mask, batch.group_ids)
+        denom_raw = row_d.sum()
+        denom = jnp.where(denom_raw > 0, denom_raw, 1.0)
+        trainable = (state.params, state.lora)
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+        def body(carry, xs):
+            g_acc, l_acc = carry
+            mb, w = xs
+            (loss, aux), g = grad_fn(trainable, state.frozen, mb, w, denom)
+            return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss), aux
+
+        zeros = jax.tree.map(jnp.zeros_like, trainable)
+        xs = (jax.tree.map(lambda x: _split(x, k), batch), _split(row_w, k))
+        (grads, loss), (logp, ent) = jax.lax.scan(body, (zeros, jnp.zeros(())), xs)
+        logp, ent = _unsplit(logp), _unsplit(ent)
+
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (denom_raw > 0)
+        updates, new_opt = opt.update(grads, state.opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+        (params, lora), opt_state = keep((new_trainable, new_opt), (trainable, state.opt_state))
+        skipped = state.skipped + (~ok).astype(jnp.int32)
+        new_state = state.replace(params=params, lora=lora, opt_state=opt_state,
+                                  step=state.step + 1, skipped=skipped,
+                                  rng=jax.random.split(state.rng)[0])
+
+        # Metrics from the full batch's pre-update log-probs (the values the loss used).
+        pol_sum, _, flags = policy_loss(cfg.loss, logp, batch.sampler_logp, batch.advantages,
+                                        mask, row_w, row_d)
+        ntok = mask.sum()
+        tmean = lambda v: jnp.where(mask, v, 0.0).sum() / jnp.maximum(ntok, 1)
+        metrics = {"loss": loss, "loss_policy": pol_sum / denom, "grad_norm": grad_norm,
+                   "entropy": tmean(ent), "tokens": ntok.astype(jnp.float32),
+                   "reward_mean": batch.rewards.mean(),
+                   "lr": schedule(state.step - state.skipped),
+                   "applied": ok.astype(jnp.float32), "skipped": skipped.astype(jnp.float32),
+                   **{name: tmean(f.astype(jnp.float32)) for name, f in flags.items()},
+                   **_masked_stats(mask, logp, batch.sampler_logp)}
+        if beta > 0:
+            kl_tok = kl_fn(logp, batch.ref_logp)
+            metrics["kl"] = tmean(kl_tok)
+            metrics["loss_kl"] = beta * weighted_sum(kl_tok, mask, row_w) / denom
+        return new_state, metrics
+
+    state_sh = state_shardings(state, mesh)
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, _batch_shardings(mesh)),
+                     out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
+
+    def train_step(state: TrainState, batch: TrainBatch):
+        _check_batch(batch, cfg)
+        return jitted(state, batch)
+
+    return train_step
+
+
+def make_ref_logprobs(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfig,
+                      mesh: Mesh) -> Callable[[TrainState, TrainBatch], jax.Array]:
+    """``ref_logprobs(state, batch) -> [B, T] float32``: the reference model's log-probs of the
+    batch's tokens (same rows, so the same context as the policy), micro-batched like the
+    train step. The reference is ``state.ref`` (full fine-tuning) or the frozen backbone with
+    adapters off (LoRA). Call only when ``cfg.kl.beta > 0``; the state is not donated."""
+    require(cfg.kl.beta > 0, "reference log-probs are only needed when kl.beta > 0")
+    k = cfg.micro_batches
+
+    def fn(state: TrainState, batch: TrainBatch):
+        weights = state.weights() if cfg.lora.enabled else state.ref
+        model = nnx.merge(graphdef, weights)
+
+        def one(mb):
+            return token_logprobs(model, mb.tokens, mb.positions, mb.mask)[0]
+
+        return _unsplit(jax.lax.map(one, jax.tree.map(lambda x: _split(x, k), batch)))
+
+    jitted = jax.jit(fn, in_shardings=(state_shardings(state, mesh), _batch_shardings(mesh)),
+                     out_shardings=batch_sharding(mesh, 2))
+
+    def ref_logprobs(state: TrainState, batch: TrainBatch) -> jax.Array:
+        _check_batch(batch, cfg)
+        return jitted(state, batch)
+
+    return ref_logprobs
