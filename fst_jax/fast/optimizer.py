@@ -71,7 +71,8 @@ class GEPAOptimizer:
     """Runs GEPA over ``anchor`` with an evaluator (adapter) and a reflection LM.
 
     Call ``start(seeds)`` once (or ``load_state_dict``), then ``step()`` per proposal or ``run()``.
-    Every proposal is one entry of ``history`` (outcome "accepted", "rejected" or "skipped:<reason>").
+    Every proposal is one entry of ``history`` (outcome "accepted", "rejected" or "skipped:<reason>",
+    reason one of perfect, reflection_error, malformed, empty, unchanged, overlong, duplicate).
     """
 
     def __init__(self, config: GEPAConfig, evaluator: SamplerEvaluator,
@@ -161,6 +162,8 @@ class GEPAOptimizer:
         if text is None:
             return f"skipped:{status}"
         child = {**parent.components, component: text}
+        if any(m.components == child for m in self.population.members):
+            return "skipped:duplicate"
         child_eval = self.evaluator.evaluate(child, batch)
         budget.metric_calls += child_eval.metric_calls
         record["child_scores"] = child_eval.scores
