@@ -1,0 +1,263 @@
+"""The jitted sampler: prompts of [context | task] tokens in, completions and log-probs out.
+
+Contexts (the fast weights) are data: every prompt row is left-padded to a length bucket, so a
+new context text, or a mix of contexts in one batch, reuses the compiled programs as long as the
+lengths stay inside the bucket. Temperature, top-p and top-k are traced per-row arrays.
+
+Group sampling: ``generate(prompts, n)`` prefills each of the ``P`` unique prompts once and keeps
+its keys/values once; the ``P * n`` sampling rows (row ``r`` samples prompt ``r // n``) attend to
+that shared prefix cache plus their own suffix cache. Each row draws from its own key,
+``fold_in(fold_in(seed, prompt_index * n + sample_index), step)``, so results do not depend on
+the batch they were computed in.
+
+Returned log-probs are those of the sampled tokens under the temperature-scaled, unfiltered
+model distribution ``log_softmax(logits / T)`` (``T = 1`` for greedy rows).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from fst_jax.config import require
+from fst_jax.models.tokenizer import PromptTokenizer
+from fst_jax.models.transformer import KV, Transformer, positions_from_mask
+from fst_jax.sharding import BATCH_AXES, batch_sharding, replicated, shard_state
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Sampler settings. ``temperature <= 0`` means greedy; ``top_k = 0`` and ``top_p = 1`` are
+    off. ``prompt_buckets`` are the allowed padded prompt lengths (tokens);
+    ``max_prompts_per_batch`` bounds the unique prompts per device batch (larger requests are
+    split into equal, padded chunks so they reuse one compiled program)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
+    max_context_tokens: int = 512
+    max_prompts_per_batch: int = 64
+
+    def __post_init__(self):
+        require(self.max_new_tokens > 0, "max_new_tokens must be positive")
+        require(0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]")
+        require(self.top_k >= 0, "top_k must be >= 0 (0 = off)")
+        require(len(self.prompt_buckets) > 0 and list(self.prompt_buckets) == sorted(self.prompt_buckets),
+                "prompt_buckets must be a non-empty increasing list")
+        require(self.max_prompts_per_batch > 0, "max_prompts_per_batch must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptBatch:
+    """Host-side prompts, left-padded: ``tokens``/``mask`` ``[P, Lp]``; ``context_lengths`` and
+    ``lengths`` ``[P]`` count the context tokens and all real tokens of each row."""
+
+    tokens: np.ndarray
+    mask: np.ndarray
+    context_lengths: np.ndarray
+    lengths: np.ndarray
+
+    @property
+    def num_prompts(self) -> int:
+        return self.tokens.shape[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Samples:
+    """Completions for ``P * n`` rows; row ``r`` continues ``prompts`` row ``r // n``.
+
+    tokens int32 ``[P*n, N]`` (``pad_id`` after the end), logprobs float32 ``[P*n, N]``,
+    mask bool ``[P*n, N]`` (generated tokens, the EOS included), lengths int32 ``[P*n]``,
+    finished bool ``[P*n]`` (ended with EOS rather than by the length limit).
+    """
+
+    prompts: PromptBatch
+    n: int
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    mask: np.ndarray
+    lengths: np.ndarray
+    finished: np.ndarray
+
+    @property
+    def prompt_index(self) -> np.ndarray:
+        return np.arange(self.tokens.shape[0]) // self.n
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= ``length``; ValueError if none."""
+    for b in buckets:
+        if length <= b:
+            return b
+    raise ValueError(f"prompt of {length} tokens exceeds the largest bucket {buckets[-1]}")
+
+
+def filter_logits(logits: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:
+    """Mask ``logits [B, V]`` outside each row's top-k (``top_k [B]``, 0 = off) and top-p
+    nucleus (``top_p [B]``, 1 = off) to -inf. Ties at the threshold are kept."""
+    sorted_desc = -jnp.sort(-logits, axis=-1)
+    V = logits.shape[-1]
+    kth = jnp.take_along_axis(sorted_desc, jnp.clip(top_k - 1, 0, V - 1)[:, None], axis=-1)
+    kth = jnp.where(top_k[:, None] > 0, kth, -jnp.inf)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = jnp.maximum(jnp.sum(mass_before < top_p[:, None], axis=-1), 1)
+    pth = jnp.take_along_axis(sorted_desc, (keep - 1)[:, None], axis=-1)
+    return jnp.where(logits >= jnp.maximum(kth, pth), logits, -jnp.inf)
+
+
+def sample_tokens(keys, logits, temperature, top_p, top_k):
+    """One token per row. ``keys [B]`` (typed keys), ``logits [B, V]`` float32, sampling arrays
+    ``[B]``. Returns (tokens int32 ``[B]``, log-probs float32 ``[B]``)."""
+    greedy = temperature <= 0.0
+    scaled = logits / jnp.where(greedy, 1.0, temperature)[:, None]
+    needs_filter = jnp.any((top_p < 1.0) | (top_k > 0))
+    filtered = jax.lax.cond(needs_filter, filter_logits, lambda x, *_: x, scaled, top_p, top_k)
+    drawn = jax.vmap(jax.random.categorical)(keys, filtered)
+    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), drawn).astype(jnp.int32)
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], -1)[:, 0]
+    return tokens, logprobs
+
+
+class Sampler:
+    """Batched, jitted sampling from a ``Transformer``; see the module docstring.
+
+    ``params`` passed to ``generate`` is the model's ``nnx.State`` (e.g. the current slow
+    weights); ``self.params`` holds the weights the sampler was built with. ``trace_counts``
+    counts how often each jitted program was traced (= compiled).
+    """
+
+    def __init__(self, model: Transformer, tokenizer: PromptTokenizer,
+                 config: SamplingConfig = SamplingConfig(), mesh: Mesh | None = None):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.mesh = mesh
+        self.graphdef, params = nnx.split(model)
+        self.params = shard_state(params, mesh) if mesh is not None else params
+        self.trace_counts: collections.Counter = collections.Counter()
+        self._prefill = jax.jit(self._prefill_fn, static_argnames=("n",))
+        self._decode = jax.jit(self._decode_fn, static_argnames=("max_new",))
+
+    # -- host side ------------------------------------------------------------------------
+    def encode(self, pairs: Sequence[tuple[str, str]]) -> PromptBatch:
+        """Encode (context, task) pairs as left-padded prompt rows in one length bucket."""
+        rows, ctx_lens = [], []
+        for context, task in pairs:
+            c, t = self.tokenizer.encode(context, task)
+            rows.append(c + t)
+            ctx_lens.append(len(c))
+        Lp = bucket_length(max(len(r) for r in rows), self.config.prompt_buckets)
+        tokens = np.full((len(rows), Lp), self.tokenizer.pad_id, np.int32)
+        mask = np.zeros((len(rows), Lp), bool)
+        for i, r in enumerate(rows):
+            tokens[i, Lp - len(r):] = r
+            mask[i, Lp - len(r):] = True
+        return PromptBatch(tokens, mask, np.asarray(ctx_lens, np.int32), mask.sum(1).astype(np.int32))
+
+    def _batch_devices(self) -> int:
+        if self.mesh is None:
+            return 1
+        return int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
+
+    def _put(self, x: np.ndarray):
+        if self.mesh is None:
+            return jnp.asarray(x)
+        shard = x.shape[0] % self._batch_devices() == 0
+        return jax.device_put(x, batch_sharding(self.mesh, x.ndim) if shard else replicated(self.mesh))
+
+    def generate(self, params, prompts: PromptBatch, n: int = 1, seed: int = 0,
+                 temperature: float | None = None, top_p: float | None = None,
+                 top_k: int | None = None) -> Samples:
+        """Sample ``n`` completions per prompt row (see ``Samples``)."""
+        cfg = self.config
+        P = prompts.num_prompts
+        B = P * n
+        per_row = lambda v, dflt, dt: np.full((B,), dflt if v is None else v, dt)  # noqa: E731
+        temp = per_row(temperature, cfg.temperature, np.float32)
+        tp = per_row(top_p, cfg.top_p, np.float32)
+        tk = per_row(top_k, cfg.top_k, np.int32)
+        first_logits, prefix = self._prefill(self.graphdef, params, self._put(prompts.tokens),
+                                             self._put(prompts.mask), n=n)
+        out = self._decode(self.graphdef, params, first_logits, prefix, self._put(prompts.mask),
+                           self._put(prompts.lengths), jax.random.key(seed), self._put(temp),
+                           self._put(tp), self._put(tk), max_new=cfg.max_new_tokens)
+        tokens, logprobs, mask, finished = (np.asarray(a) for a in out)
+        return Samples(prompts, n, tokens, logprobs, mask, mask.sum(1).astype(np.int32), finished)
+
+    def generate_text(self, params, pairs: Sequence[tuple[str, str]], n: int = 1, seed: int = 0,
+                      temperature: float | None = None, top_p: float | None = None,
+                      top_k: int | None = None) -> list[list[str]]:
+        """``n`` completion texts per (context, task) pair, in order. Requests run in equal
+        chunks of a power of two up to ``max_prompts_per_batch`` prompts (the last chunk padded
+        by repeating a pair), so request sizes share few compiled programs."""
+        chunk = min(self.config.max_prompts_per_batch, 1 << (len(pairs) - 1).bit_length())
+        chunk += -chunk % self._batch_devices()
+        texts: list[list[str]] = []
+        for start in range(0, len(pairs), chunk):
+            part = list(pairs[start:start + chunk])
+            real = len(part)
+            part += [part[-1]] * (chunk - real)
+            s = self.generate(params, self.encode(part), n, seed + start, temperature, top_p, top_k)
+            for p in range(real):
+                texts.append([self.decode_row(s, p * n + j) for j in range(n)])
+        return texts
+
+    def decode_row(self, samples: Samples, row: int) -> str:
+        """Completion text of one row, special tokens (EOS) removed."""
+        return self.tokenizer.decode(samples.tokens[row, :samples.lengths[row]])
+
+    # -- device side ----------------------------------------------------------------------
+    def _prefill_fn(self, graphdef, params, tokens, mask, *, n):
+        """Prompt logits at the last position, repeated per sample ``[P*n, V]``, and the KV cache."""
+        self.trace_counts["prefill"] += 1
+        model = nnx.merge(graphdef, params)
+        logits, kv = model.prefill(tokens, positions_from_mask(mask), mask)
+        return jnp.repeat(logits, n, axis=0), kv
+
+    def _decode_fn(self, graphdef, params, logits, prefix: KV, prefix_mask, lengths, key,
+                   temperature, top_p, top_k, *, max_new):
+        self.trace_counts["decode"] += 1
+        model = nnx.merge(graphdef, params)
+        B = logits.shape[0]
+        P = prefix.k.shape[1]
+        n = B // P
+        L, _, _, K, hd = prefix.k.shape
+        cache_dtype = prefix.k.dtype
+        suffix = KV(jnp.zeros((L, B, max_new, K, hd), cache_dtype),
+                    jnp.zeros((L, B, max_new, K, hd), cache_dtype))
+        row_keys = jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(B))
+        start_pos = jnp.repeat(lengths, n)
+        eos, pad = self.tokenizer.eos_id, self.tokenizer.pad_id
+        init = (jnp.int32(0), logits, suffix, jnp.full((B, max_new), pad, jnp.int32),
+                jnp.zeros((B, max_new), jnp.float32), jnp.zeros((B, max_new), bool),
+                jnp.zeros((B,), bool))
+
+        def cond(state):
+            step, *_, done = state
+            return (step < max_new) & ~jnp.all(done)
+
+        def body(state):
+            step, logits, suffix, toks, lps, live, done = state
+            keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
+            tok, lp = sample_tokens(keys, logits, temperature, top_p, top_k)
+            tok = jnp.where(done, pad, tok)
+            toks = toks.at[:, step].set(tok)
+            lps = lps.at[:, step].set(jnp.where(done, 0.0, lp))
+            live = live.at[:, step].set(~done)
+            done = done | (tok == eos)
+            logits, new = model.decode(tok, start_pos + step, prefix, prefix_mask, suffix, step)
+            suffix = KV(suffix.k.at[:, :, step].set(new.k), suffix.v.at[:, :, step].set(new.v))
+            return step + 1, logits, suffix, toks, lps, live, done
+
+        _, _, _, toks, lps, live, done = jax.lax.while_loop(cond, body, init)
+        return toks, lps, live, done
