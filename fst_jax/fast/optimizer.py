@@ -99,6 +99,8 @@ class GEPAOptimizer:
             raise ValueError("GEPA needs at least one seed candidate")
         step = self.evaluator.policy_step
         texts = [dict(s.components) if isinstance(s, Member) else dict(s) for s in seeds]
+        if self.config.component is not None and any(self.config.component not in t for t in texts):
+            raise ValueError(f"config.component {self.config.component!r} is missing from a seed candidate")
         for result, seed, text in zip(self.evaluator.evaluate_many(texts, self.anchor), seeds, texts):
             self.budget.metric_calls += result.metric_calls
             carried = isinstance(seed, Member)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -274,7 +275,8 @@ def openai_backend(cfg: ReflectionConfig, **_: Any):
                 time.sleep(cfg.backoff_s * 2 ** (n - 1))
             try:
                 return attempt(prompt, seed)
-            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # URLError, timeouts, bad JSON
+            except (OSError, http.client.HTTPException, ValueError, KeyError, IndexError, TypeError) as e:
+                # URLError, timeouts, broken connections, bad JSON, a reply of the wrong shape
                 error = e
                 log.warning("reflection endpoint attempt %d/%d failed: %s: %s",
                             n + 1, cfg.retries + 1, type(e).__name__, e)
