@@ -70,14 +70,24 @@ class EvalResult:
 
 
 class Adapter(Protocol):
-    """What the GEPA optimizer needs from an evaluator."""
+    """What the GEPA optimizer needs from an evaluator: scoring with traces, the reflective
+    dataset, the policy step scores belong to, an optional context-token counter and limit,
+    and a JSON-able state (cache, counters) for save/resume."""
+
+    policy_step: int
+    count_tokens: Callable[[str], int] | None
+    max_context_tokens: int | None
 
     def evaluate(self, candidate: Candidate, batch: Sequence[Example], capture_traces: bool = False) -> EvalResult: ...
 
     def evaluate_many(self, candidates: Sequence[Candidate], batch: Sequence[Example]) -> list[EvalResult]: ...
 
-    def make_reflective_dataset(self, candidate: Candidate, result: EvalResult,
-                                components: Sequence[str]) -> dict[str, list[dict[str, str]]]: ...
+    def make_reflective_dataset(self, candidate: Candidate, result: EvalResult, components: Sequence[str],
+                                max_output_chars: int = 2000) -> dict[str, list[dict[str, str]]]: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+    def load_state(self, state: dict[str, Any]) -> None: ...
 
 
 def render_context(candidate: Candidate) -> str:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from fst_jax.config import require, require_in_registry
 from fst_jax.fast.candidates import Budget, Candidate, Member, Population
-from fst_jax.fast.evaluator import EvalConfig, SamplerEvaluator, TextGenerator
+from fst_jax.fast.evaluator import Adapter, EvalConfig, SamplerEvaluator, TextGenerator
 from fst_jax.fast.reflection import (ReflectionConfig, ReflectionError, Reply, estimate_tokens,
                                      make_reflection_lm, parse_proposal, render_meta_prompt)
 from fst_jax.fast.strategies import (ACCEPTANCE, SELECTORS, EpochShuffledSampler, Progress, StopLimits,
@@ -68,14 +68,14 @@ class GEPAConfig:
 
 
 class GEPAOptimizer:
-    """Runs GEPA over ``anchor`` with an evaluator (adapter) and a reflection LM.
+    """Runs GEPA over ``anchor`` with an evaluator (an ``Adapter``) and a reflection LM.
 
     Call ``start(seeds)`` once (or ``load_state_dict``), then ``step()`` per proposal or ``run()``.
     Every proposal is one entry of ``history`` (outcome "accepted", "rejected" or "skipped:<reason>",
     reason one of perfect, reflection_error, malformed, empty, unchanged, overlong, duplicate).
     """
 
-    def __init__(self, config: GEPAConfig, evaluator: SamplerEvaluator,
+    def __init__(self, config: GEPAConfig, evaluator: Adapter,
                  reflection_lm: Callable[[str, int], Reply], anchor: Sequence[Example]):
         self.config, self.evaluator, self.reflection_lm = config, evaluator, reflection_lm
         self.anchor = list(anchor)
@@ -94,7 +94,9 @@ class GEPAOptimizer:
     def start(self, seeds: Sequence[Candidate | Member]) -> Population:
         """Score the seeds on the whole anchor set under the evaluator's current weights (one
         generator call). ``Member`` seeds are carried over: they keep their text and birth step,
-        and their old scores are discarded, since they are stale once the weights moved."""
+        and their old scores are discarded, since they are stale once the weights moved. These
+        metric calls and this time count toward the round's budget."""
+        t0 = time.monotonic()
         if not seeds:
             raise ValueError("GEPA needs at least one seed candidate")
         step = self.evaluator.policy_step
@@ -108,6 +110,7 @@ class GEPAOptimizer:
                                 born_step=seed.born_step if carried else step)
         self.population.scored_step = step
         self.best = max(self.population.aggregate())
+        self.seconds += time.monotonic() - t0
         return self.population
 
     # ------------------------------------------------------------ one proposal
@@ -221,8 +224,8 @@ class GEPAOptimizer:
         population = Population.from_dict(state["population"])
         if population.instance_ids != list(self.by_id):
             raise ValueError("saved state was made on a different anchor set")
-        if state["evaluator"]["policy_step"] != self.evaluator.policy_step:
-            raise ValueError(f"saved state is from policy step {state['evaluator']['policy_step']}, the evaluator "
+        if population.scored_step != self.evaluator.policy_step:
+            raise ValueError(f"saved state is from policy step {population.scored_step}, the evaluator "
                              f"is at {self.evaluator.policy_step}: start a new round with the population carried")
         self.population, self.budget = population, Budget.from_dict(state["budget"])
         version, internal, gauss = state["rng"]
