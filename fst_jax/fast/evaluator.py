@@ -68,6 +68,11 @@ class EvalResult:
     rollouts: list[Rollout]
     metric_calls: int
 
+    @property
+    def outputs(self) -> list[list[str]]:
+        """The generated completions, per example, per sample."""
+        return [r.outputs for r in self.rollouts]
+
 
 class Adapter(Protocol):
     """What the GEPA optimizer needs from an evaluator: scoring with traces, the reflective

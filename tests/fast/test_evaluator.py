@@ -50,6 +50,7 @@ def test_several_samples_per_example_are_averaged_and_each_counts():
     ev = SamplerEvaluator(gen, TASK, EvalConfig(samples_per_example=4, temperature=0.7, seed=3))
     result = ev.evaluate({"context": "x"}, EXAMPLES[:2])
     assert result.scores == [0.5, 0.5] and result.metric_calls == 8
+    assert result.outputs[0] == [f"#### {int(EXAMPLES[0].answer) + j % 2}" for j in range(4)]
     assert gen.calls[0]["n"] == 4
     data = ev.make_reflective_dataset({"context": "x"}, result, ["context"])
     assert len(data["context"]) == 8 and data["context"][0]["Inputs"] == EXAMPLES[0].prompt

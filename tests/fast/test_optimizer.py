@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from fst_jax.config import ConfigError, load_config
+from fst_jax.config import ConfigError, load_config, save_config
 from fst_jax.fast import GEPAConfig, GEPAOptimizer, ReflectionConfig, SamplerEvaluator, make_reflection_lm, run_gepa_round
 from fst_jax.tasks import make_task
 
@@ -140,10 +140,12 @@ def test_resuming_at_another_policy_step_is_refused(tmp_path):
                        reflection_fn=reflect, state_path=path, policy_step=3)
 
 
-def test_config_validation_and_dotted_overrides():
+def test_config_validation_overrides_and_yaml_round_trip(tmp_path):
     with pytest.raises(ConfigError, match="registered"):
         GEPAConfig(selector="nope")
     with pytest.raises(ConfigError, match="max_proposals"):
         GEPAConfig(max_proposals=0)
     cfg = load_config(GEPAConfig, None, ["selector=epsilon_greedy", "reflection.backend=openai", "eval.samples_per_example=4"])
     assert (cfg.selector, cfg.reflection.backend, cfg.eval.samples_per_example) == ("epsilon_greedy", "openai", 4)
+    save_config(cfg, tmp_path / "gepa.yaml")
+    assert load_config(GEPAConfig, tmp_path / "gepa.yaml") == cfg
