@@ -48,7 +48,9 @@ Reply with the revised instructions only, placed between a pair of ``` fences.""
 
 _FENCE = "```"
 _TAG_LINE = re.compile(r"^[A-Za-z0-9_+.-]*$")
-_NOISE = re.compile(r"^\s*(i'?m sorry|i am sorry|sorry\b|i can(not|'t)|as an ai\b)", re.IGNORECASE)
+_REFUSAL = re.compile(r"^\s*(i'?m sorry|i am sorry|sorry\b|i can(not|'t)|as an ai\b)", re.IGNORECASE)
+_ACK = re.compile(r"(sure|certainly|of course|ok(ay)?|yes|no|done|thanks?( you)?)[.!]*", re.IGNORECASE)
+_PLACEHOLDER = re.compile(r"\{(current_text|examples)\}")
 
 
 class ReflectionError(RuntimeError):
@@ -129,7 +131,8 @@ def render_meta_prompt(template: str, current_text: str, records: Sequence[Mappi
     for n, rec in enumerate(records, 1):
         parts = [f"[Example {n}]"] + [f"{key}:\n{value}" for key, value in rec.items()]
         blocks.append("\n".join(parts))
-    return template.replace("{examples}", "\n\n".join(blocks)).replace("{current_text}", current_text)
+    values = {"current_text": current_text, "examples": "\n\n".join(blocks)}
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
 # ---------------------------------------------------------------- parsing and guards
@@ -139,13 +142,13 @@ def extract_text(reply: str) -> str | None:
 
     Text between the first and the last ``` fence (a language tag on the opening line is
     dropped; an unclosed fence takes everything after it). Without fences: the whole reply
-    stripped, unless it is empty or obviously chat noise (an apology or refusal, or a preamble
-    ending in a colon with nothing after it).
+    stripped, unless it is empty or obviously chat noise (an apology or refusal, a bare
+    acknowledgement such as "Sure!", or a preamble ending in a colon with nothing after it).
     """
     first, last = reply.find(_FENCE), reply.rfind(_FENCE)
     if first < 0:
         text = reply.strip()
-        if not text or _NOISE.match(text) or text.endswith(":"):
+        if not text or _REFUSAL.match(text) or _ACK.fullmatch(text) or text.endswith(":"):
             return None
         return text
     inner = reply[first + len(_FENCE): last if last > first else len(reply)]

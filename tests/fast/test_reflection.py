@@ -19,6 +19,12 @@ def test_meta_prompt_holds_current_text_and_every_record():
     assert "{examples}" not in prompt and "{current_text}" not in prompt
 
 
+def test_placeholders_inside_the_filled_in_text_are_left_alone():
+    records = [reflective_record("say {current_text}", "{examples}", "ok")]
+    prompt = render_meta_prompt("A {current_text} B {examples}", "keep {examples}", records)
+    assert prompt.startswith("A keep {examples} B [Example 1]") and "say {current_text}" in prompt
+
+
 def test_long_outputs_are_clipped_in_records():
     assert reflective_record("q", "x" * 50, "f", max_output_chars=10)["Generated Outputs"] == "x" * 10 + " [...clipped]"
 
@@ -30,6 +36,7 @@ def test_long_outputs_are_clipped_in_records():
     ("  Always end with #### <number>.  ", "Always end with #### <number>."),
     ("I'm sorry, I cannot help with that.", None),
     ("Here is the improved instruction:", None),
+    ("Sure!", None),
     ("   ", None),
     ("``````", ""),
 ])
