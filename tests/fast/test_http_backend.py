@@ -39,7 +39,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         server.requests.append((body, self.headers.get("Authorization")))
         kind = server.behaviours[len(server.requests) - 1] if len(server.requests) <= len(server.behaviours) else "500"
         if kind == "slow":
-            time.sleep(0.6)
+            time.sleep(2.5)  # well past the client's timeout
         if kind in ("500", "slow"):
             payload, status = b"{}", 500
         elif kind == "garbage":
@@ -74,14 +74,14 @@ def stub():
 
 
 def http_config(url, **kw):
-    return ReflectionConfig(backend="openai", url=url, model="m", timeout_s=0.2, backoff_s=0.01,
-                            api_key_env="FST_TEST_KEY", **kw)
+    kw = {"timeout_s": 1.0, "backoff_s": 0.01, **kw}
+    return ReflectionConfig(backend="openai", url=url, model="m", api_key_env="FST_TEST_KEY", **kw)
 
 
 def test_retries_after_a_500_then_succeeds_with_key_and_usage(stub, monkeypatch):
     monkeypatch.setenv("FST_TEST_KEY", "sekret")
     server = stub(["500", "ok"])
-    reply = make_reflection_lm(http_config(server.url, retries=2))("PROMPT", 4)
+    reply = make_reflection_lm(http_config(server.url, retries=2, timeout_s=10.0))("PROMPT", 4)
     assert reply.text == "```\nnew instructions\n```" and reply.tokens == 77
     assert len(server.requests) == 2
     body, auth = server.requests[-1]
