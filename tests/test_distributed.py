@@ -1,10 +1,12 @@
 """distributed helpers single-process, and a real 2-process jax.distributed run on localhost."""
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -46,22 +48,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_processes(out_dir: Path, num_processes: int = 2) -> None:
+@contextlib.contextmanager
+def _processes(out_dir: Path, num_processes: int = 2):
+    """Start the worker processes; yields ``wait()``, which asserts they all exit 0 in time.
+    Whatever happens, no process outlives the block."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
                XLA_FLAGS="--xla_force_host_platform_device_count=2")
     port = _free_port()
     procs, logs = [], []
+
+    def wait():
+        deadline = time.monotonic() + TIMEOUT_S
+        for pid, proc in enumerate(procs):
+            rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            log = (out_dir / f"process_{pid}.log").read_text()
+            assert rc == 0, f"process {pid} exited {rc}:\n{log[-3000:]}"
+
     try:
         for pid in range(num_processes):
-            log = open(out_dir / f"process_{pid}.log", "w")
-            logs.append(log)
+            logs.append(open(out_dir / f"process_{pid}.log", "w"))
             procs.append(subprocess.Popen(
                 [sys.executable, str(REPO / "tests" / "multihost_worker.py"), str(port), str(pid),
-                 str(num_processes), str(out_dir)], env=env, stdout=log, stderr=subprocess.STDOUT))
-        for pid, proc in enumerate(procs):
-            rc = proc.wait(timeout=TIMEOUT_S)
-            assert rc == 0, f"process {pid} exited {rc}:\n" + \
-                (out_dir / f"process_{pid}.log").read_text()[-3000:]
+                 str(num_processes), str(out_dir)], env=env, stdout=logs[-1],
+                stderr=subprocess.STDOUT))
+        yield wait
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -73,7 +83,10 @@ def _run_processes(out_dir: Path, num_processes: int = 2) -> None:
 
 @pytest.mark.multiprocess
 def test_two_processes_share_contexts_and_match_single_process_training(tmp_path):
-    _run_processes(tmp_path)
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=4), devices=jax.devices()[:4])
+    with _processes(tmp_path) as wait:
+        want_losses, want_params = worker.train(mesh)  # single-process reference, meanwhile
+        wait()
     results = [json.loads((tmp_path / f"process_{i}.json").read_text()) for i in range(2)]
 
     # (a) process 0's contexts reach every process
@@ -81,8 +94,6 @@ def test_two_processes_share_contexts_and_match_single_process_training(tmp_path
     assert all(r["process_count"] == 2 and r["device_count"] == 4 for r in results)
 
     # (b) the sharded 2-process run follows the single-process run of the same global batch
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=4), devices=jax.devices()[:4])
-    want_losses, want_params = worker.train(mesh)
     for r in results:
         np.testing.assert_allclose(r["losses"], want_losses, rtol=1e-5, atol=1e-5)
     assert want_losses[-1] < want_losses[0]
