@@ -227,10 +227,13 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
 
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (denom_raw > 0)
-        updates, new_opt = opt.update(grads, state.opt_state, trainable)
-        new_trainable = optax.apply_updates(trainable, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-        (params, lora), opt_state = keep((new_trainable, new_opt), (trainable, state.opt_state))
+        def apply(operands):
+            trainable, opt_state = operands
+            updates, opt_state = opt.update(grads, opt_state, trainable)
+            return optax.apply_updates(trainable, updates), opt_state
+
+        (params, lora), opt_state = jax.lax.cond(ok, apply, lambda x: x,
+                                                 (trainable, state.opt_state))
         skipped = state.skipped + (~ok).astype(jnp.int32)
         new_state = state.replace(params=params, lora=lora, opt_state=opt_state,
                                   step=state.step + 1, skipped=skipped,
