@@ -98,6 +98,21 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, Mapping) else v
+    return out
+
+
 def _build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -107,6 +122,9 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
             close = difflib.get_close_matches(name, list(fields), n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
             raise ConfigError(f"unknown key {prefix}{name} for {cls.__name__}{hint}")
+        default = _field_default(fields[name])
+        if dataclasses.is_dataclass(default) and isinstance(value, Mapping):
+            value = _deep_merge(to_dict(default), value)  # keep the field's own defaults
         kwargs[name] = _coerce(value, hints[name], prefix + name)
     try:
         return cls(**kwargs)

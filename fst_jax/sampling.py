@@ -38,7 +38,8 @@ class SamplingConfig:
     """Sampler settings. ``temperature <= 0`` means greedy; ``top_k = 0`` and ``top_p = 1`` are
     off. ``prompt_buckets`` are the allowed padded prompt lengths (tokens);
     ``max_prompts_per_batch`` bounds the unique prompts per device batch (larger requests are
-    split into equal, padded chunks so they reuse one compiled program)."""
+    split into equal, padded chunks so they reuse one compiled program). ``stop_at_eos=False``
+    always generates ``max_new_tokens`` (benchmarks, fixed-length rollouts)."""
 
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -47,6 +48,7 @@ class SamplingConfig:
     prompt_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
     max_context_tokens: int = 512
     max_prompts_per_batch: int = 64
+    stop_at_eos: bool = True
 
     def __post_init__(self):
         require(self.max_new_tokens > 0, "max_new_tokens must be positive")
@@ -237,7 +239,8 @@ class Sampler:
                     jnp.zeros((L, B, max_new, K, hd), cache_dtype))
         row_keys = jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(B))
         start_pos = jnp.repeat(lengths, n)
-        eos, pad = self.tokenizer.eos_id, self.tokenizer.pad_id
+        eos = self.tokenizer.eos_id if self.config.stop_at_eos else -1
+        pad = self.tokenizer.pad_id
         init = (jnp.int32(0), logits, suffix, jnp.full((B, max_new), pad, jnp.int32),
                 jnp.zeros((B, max_new), jnp.float32), jnp.zeros((B, max_new), bool),
                 jnp.zeros((B,), bool))

