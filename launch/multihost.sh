@@ -20,7 +20,19 @@ if [[ -n "${LOCAL_PROCESSES:-}" ]]; then
   port=$(python -c 'import socket; s = socket.socket(); s.bind(("localhost", 0)); print(s.getsockname()[1])')
   export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
   pids=()
-  trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+  # JAX handles SIGTERM as a preemption notice and keeps running: follow up with SIGKILL.
+  # shellcheck disable=SC2317  # called by the EXIT trap
+  stop_all() {
+    local pid alive=0
+    for pid in "${pids[@]}"; do
+      if kill "$pid" 2>/dev/null; then alive=1; fi
+    done
+    if ((alive)); then
+      sleep 5
+      for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+    fi
+  }
+  trap stop_all EXIT
   for ((i = 0; i < LOCAL_PROCESSES; i++)); do
     FST_COORDINATOR="localhost:$port" FST_NUM_PROCESSES="$LOCAL_PROCESSES" FST_PROCESS_ID="$i" \
       python -m fst_jax.cli "$@" &
