@@ -1,14 +1,16 @@
 """Benchmark the RL train step on SmolLM2-135M shapes (random init) against a plain peer step.
 
 Configurations: {fp32, bf16 compute} x {full fine-tuning, LoRA r=16}; batch 8 x 256 tokens
-(128 prompt + 128 completion). Ours: ``fst_jax.rl`` CISPO + k3 KL (beta 0.001) + metrics.
-Peer: a plain optax AdamW + nnx step on a REINFORCE log-prob loss (full fine-tuning; google-tunix
-is not installed). Each (configuration, side) runs in its own process so peak RSS is its own.
-Prints one JSON object per configuration. ``--quick``: fp32 full only, fewer steps.
-MFU = model FLOPs (3x forward for full fine-tuning, 2x for LoRA) / time / matmul peak, the peak
-measured in the same process (before and after the steps, averaged) with a 2048^3 ``jnp.dot`` in
-the compute dtype. On a shared machine the two processes see different loads:
-``ratio_peak_normalized`` scales the time ratio by the ratio of the peaks each process measured.
+(128 prompt + 128 completion). Ours: ``fst_jax.rl`` CISPO + k3 KL (beta 0.001) + all metrics
+(reference log-probs precomputed, timed apart). Peer: a plain optax AdamW + nnx step on a
+REINFORCE log-prob loss, full fine-tuning (google-tunix is not installed).
+
+Each configuration runs in its own process: ours is built and compiled first, so the peak RSS
+after its warm-up step is its own; then the peer is built and the two steps alternate, so both
+see the same machine load (the machine is shared) and the ratio of their medians is fair.
+MFU = model FLOPs (3x forward for full fine-tuning, 2x for LoRA) / median step time / matmul
+peak, the peak measured in the same process with a 2048^3 ``jnp.dot`` in the compute dtype.
+Prints one JSON object per configuration. ``--quick``: fp32 full only, 2 rounds.
 """
 
 from __future__ import annotations
@@ -28,13 +30,10 @@ B, P, C = 8, 128, 128
 PEER = "plain optax.adamw + nnx log-prob (REINFORCE) step, full fine-tuning"
 
 
-def _timed(fn, steps):
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def _seconds(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def matmul_peak(dtype) -> float:
@@ -44,7 +43,8 @@ def matmul_peak(dtype) -> float:
     a = jnp.ones((n, n), dtype)
     dot = jax.jit(jnp.dot)
     dot(a, a).block_until_ready()
-    return 2 * n ** 3 / _timed(lambda: dot(a, a).block_until_ready(), 5)
+    return 2 * n ** 3 / statistics.median(_seconds(lambda: dot(a, a).block_until_ready())
+                                          for _ in range(5))
 
 
 def model_flops(mc, lora: bool) -> float:
@@ -67,7 +67,8 @@ def _batch(mc):
                              [0] * B, pad_id=0)
 
 
-def run_ours(mc, rank, steps):
+def build_ours(mc, rank):
+    """Our learner's step as a no-argument callable, plus setup timings."""
     from fst_jax.models.transformer import init_model
     from fst_jax.rl import LearnerConfig, LoraConfig, OptimizerConfig
     from fst_jax.rl.batch import shard_batch
@@ -79,23 +80,21 @@ def run_ours(mc, rank, steps):
     step = make_train_step(g, state, cfg, mesh)
     ref_fn = make_ref_logprobs(g, state, cfg, mesh)
     batch = shard_batch(_batch(mc), mesh)
-    t = time.perf_counter()
-    batch = batch.replace(ref_logp=ref_fn(state, batch).block_until_ready())
-    extra = {"ref_logprobs_first_call_s": round(time.perf_counter() - t, 2)}
-    t = time.perf_counter()
-    state, m = step(state, batch)
-    m["loss"].block_until_ready()
-    extra["compile_and_first_step_s"] = round(time.perf_counter() - t, 2)
-    holder = [state]
+    holder = {"state": state, "batch": batch}
+
+    def ref():
+        holder["batch"] = batch.replace(ref_logp=ref_fn(holder["state"], batch).block_until_ready())
 
     def one():
-        holder[0], metrics = step(holder[0], batch)
+        holder["state"], metrics = step(holder["state"], holder["batch"])
         metrics["loss"].block_until_ready()
 
-    return _timed(one, steps), extra
+    timings = {"ref_logprobs_compile_s": _seconds(ref), "ref_logprobs_s": _seconds(ref),
+               "compile_and_first_step_s": _seconds(one)}
+    return one, timings
 
 
-def run_peer(mc, steps):
+def build_peer(mc):
     import jax
     import jax.numpy as jnp
     import optax
@@ -103,7 +102,6 @@ def run_peer(mc, steps):
     from fst_jax.models.transformer import init_model
     graphdef, params = nnx.split(init_model(mc))
     opt = optax.adamw(1e-6)
-    opt_state = opt.init(params)
     b = _batch(mc)
 
     def step(params, opt_state, tokens, positions, mask, loss_mask, adv):
@@ -118,62 +116,56 @@ def run_peer(mc, steps):
 
     step = jax.jit(step, donate_argnums=(0, 1))
     args = (b.tokens, b.positions, b.mask, b.loss_mask, b.advantages)
-    holder = [params, opt_state]
+    holder = [params, opt.init(params)]
 
     def one():
         holder[0], holder[1], loss = step(holder[0], holder[1], *args)
         loss.block_until_ready()
 
     one()  # compile
-    return _timed(one, steps), {}
+    return one
 
 
-def child(name, side, steps):
+def child(name, rounds):
     import jax.numpy as jnp
     from fst_jax.models.configs import SMOLLM2_135M
     dtype, rank = CONFIGS[name]
     mc = SMOLLM2_135M.replace(dtype=dtype)
-    peak_before = matmul_peak(jnp.dtype(dtype))
-    seconds, extra = run_ours(mc, rank, steps) if side == "ours" else run_peer(mc, steps)
-    peak = (peak_before + matmul_peak(jnp.dtype(dtype))) / 2  # the machine's load drifts
-    flops = model_flops(mc, lora=side == "ours" and rank > 0)
-    print(json.dumps({"s_per_step": seconds, "mfu": flops / seconds / peak,
-                      "matmul_peak_gflops": peak / 1e9,
-                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-                      **extra}))
+    ours, timings = build_ours(mc, rank)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # ours alone, GB
+    peer = build_peer(mc)
+    t_ours, t_peer = [], []
+    for _ in range(rounds):
+        t_ours.append(_seconds(ours))
+        t_peer.append(_seconds(peer))
+    s_ours, s_peer = statistics.median(t_ours), statistics.median(t_peer)
+    peak = matmul_peak(jnp.dtype(dtype))
+    print(json.dumps({
+        "config": name, "ours_s_per_step": round(s_ours, 3), "peer": PEER,
+        "peer_s_per_step": round(s_peer, 3), "ratio": round(s_ours / s_peer, 3),
+        "mfu": round(model_flops(mc, lora=rank > 0) / s_ours / peak, 4),
+        "peer_mfu": round(model_flops(mc, lora=False) / s_peer / peak, 4),
+        "tokens_per_s": round(B * (P + C) / s_ours, 1), "peak_rss_gb": round(rss, 2),
+        "matmul_peak_gflops": round(peak / 1e9, 1),
+        "steps_ours_s": [round(t, 2) for t in t_ours], "steps_peer_s": [round(t, 2) for t in t_peer],
+        **{k: round(v, 2) for k, v in timings.items()}}), flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="fp32 full fine-tuning only, 2 steps")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--child", nargs=2, metavar=("CONFIG", "SIDE"), help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="fp32 full fine-tuning only, 2 rounds")
+    ap.add_argument("--rounds", type=int, default=3, help="timed steps of each side")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    steps = 2 if args.quick else args.steps
+    rounds = 2 if args.quick else args.rounds
     if args.child:
-        return child(*args.child, steps)
-    names = ["fp32_full"] if args.quick else list(CONFIGS)
-    for name in names:
-        res = {}
-        for side in ("ours", "peer"):
-            out = subprocess.run([sys.executable, __file__, "--child", name, side, "--steps",
-                                  str(steps)], capture_output=True, text=True, check=True,
-                                 env={**os.environ, "JAX_PLATFORMS": "cpu"})
-            res[side] = json.loads(out.stdout.strip().splitlines()[-1])
-        ours, peer = res["ours"], res["peer"]
-        print(json.dumps({
-            "config": name, "ours_s_per_step": round(ours["s_per_step"], 3), "peer": PEER,
-            "peer_s_per_step": round(peer["s_per_step"], 3),
-            "ratio": round(ours["s_per_step"] / peer["s_per_step"], 3),
-            "ratio_peak_normalized": round(ours["s_per_step"] * ours["matmul_peak_gflops"]
-                                           / (peer["s_per_step"] * peer["matmul_peak_gflops"]), 3),
-            "mfu": round(ours["mfu"], 4), "peer_mfu": round(peer["mfu"], 4),
-            "tokens_per_s": round(B * (P + C) / ours["s_per_step"], 1),
-            "peak_rss_gb": round(ours["peak_rss_gb"], 2),
-            "peer_peak_rss_gb": round(peer["peak_rss_gb"], 2),
-            "matmul_peak_gflops": round(ours["matmul_peak_gflops"], 1),
-            "peer_matmul_peak_gflops": round(peer["matmul_peak_gflops"], 1),
-            **{k: v for k, v in ours.items() if k.endswith("_s")}}), flush=True)
+        return child(args.child, rounds)
+    for name in ["fp32_full"] if args.quick else list(CONFIGS):
+        out = subprocess.run([sys.executable, __file__, "--child", name, "--rounds", str(rounds)],
+                             capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        if out.returncode:
+            sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
+        print(out.stdout.strip().splitlines()[-1], flush=True)
 
 
 if __name__ == "__main__":

@@ -180,9 +180,10 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
 
     ``state`` (a TrainState or its ``jax.eval_shape``) only fixes the structure and shardings.
     ``batch.ref_logp`` must hold ``ref_logprobs(state, batch)`` when ``cfg.kl.beta > 0``.
-    Metrics (float32 scalars): loss, loss_policy, loss_kl, kl (token mean of the estimator's
-    value), entropy, clip_high/clip_low (token fractions), grad_norm, logp_diff_mean,
-    logp_diff_max, logp_pearson, tokens, reward_mean, lr, applied (1 or 0), skipped (total).
+    Metrics (float32 scalars): loss, loss_policy, entropy, clip_high/clip_low (token fractions),
+    grad_norm, logp_diff_mean, logp_diff_max, logp_pearson (sampler vs trainer over completion
+    tokens), tokens, reward_mean, lr, applied (1 or 0), skipped (total so far); with beta > 0
+    also kl (token mean of the estimator's value) and loss_kl (the penalty term, beta included).
     """
     opt = make_optimizer(cfg.optimizer)
     schedule = learning_rate(cfg.optimizer)
@@ -227,6 +228,7 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
 
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (denom_raw > 0)
+
         def apply(operands):
             trainable, opt_state = operands
             updates, opt_state = opt.update(grads, opt_state, trainable)
