@@ -11,7 +11,8 @@ from fst_jax.models.configs import tiny
 from fst_jax.models.tokenizer import ByteChatTokenizer
 from fst_jax.models.transformer import init_model, positions_from_mask
 from fst_jax.models.weights import model_params, params_to_hf
-from fst_jax.sampling import Sampler, SamplingConfig, filter_logits
+from fst_jax.sampling import (Sampler, SamplingConfig, filter_logits, first_argmax,
+                               inverse_cdf_draw)
 from fst_jax.sharding import MeshConfig, make_mesh
 
 PAIRS = [("Be brief.", "What is 2+3?"), ("You are a careful calculator.", "7*6?"),
@@ -176,3 +177,22 @@ def test_generate_text_splits_requests_into_equal_power_of_two_chunks(model, tok
     again = sampler.generate_text(sampler.params, PAIRS[1:] + PAIRS, n=2, seed=0, temperature=0.0)
     assert again[2:] == texts
     assert sampler.trace_counts["decode"] == 1
+
+
+def test_inverse_cdf_draws_follow_the_categorical_distribution():
+    rng = np.random.RandomState(0)
+    probs = rng.dirichlet(np.ones(300) * 0.3).astype(np.float32)
+    probs[::7] = 0.0  # filtered-out entries must never be drawn
+    probs /= probs.sum()
+    draws = 20000
+    u = jax.random.uniform(jax.random.key(0), (draws,))
+    weights = jnp.broadcast_to(jnp.asarray(probs) * 3.0, (draws, 300))  # unnormalised is fine
+    idx = np.asarray(inverse_cdf_draw(weights, u, block=64))
+    freq = np.bincount(idx, minlength=300) / draws
+    assert freq[::7].sum() == 0
+    assert np.abs(freq - probs).max() < 4 * np.sqrt(probs.max() / draws)
+
+
+def test_first_argmax_equals_argmax_including_ties():
+    x = jnp.asarray([[1.0, 3.0, 3.0, 0.0], [5.0, 5.0, 5.0, 5.0], [-1.0, -2.0, -0.5, -0.5]])
+    np.testing.assert_array_equal(np.asarray(first_argmax(x)), np.argmax(np.asarray(x), -1))
