@@ -173,7 +173,8 @@ class Checkpointer:
 
     def _move_aside_if_exists(self, step: int) -> None:
         path = self.directory / str(step)
-        if not path.exists():
+        # Decided on process 0 so that every process takes the same branch (and barrier).
+        if not distributed.broadcast_host_object(path.exists()):
             return
         self._manager.wait_until_finished()
         aside = path.with_name(f"{step}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
