@@ -11,7 +11,7 @@ from fst_jax.models.transformer import init_model
 from fst_jax.rl.lora import LoraConfig, apply_lora, init_lora, lora_delta
 from fst_jax.rl.train_step import (LearnerConfig, make_ref_logprobs, make_train_step,
                                    token_logprobs)
-from tests.rl.helpers import CFG, MODEL, host_batch, new_state, on_policy, one_device_mesh, to_host
+from rl_helpers import CFG, MODEL, host_batch, new_state, on_policy, one_device_mesh, to_host
 
 LORA_CFG = dataclasses.replace(CFG, lora=LoraConfig(rank=4, alpha=8.0))
 

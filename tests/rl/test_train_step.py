@@ -8,7 +8,7 @@ from flax import nnx
 from fst_jax.rl.batch import shard_batch
 from fst_jax.rl.train_step import make_ref_logprobs, make_train_step, token_logprobs
 from fst_jax.sharding import MeshConfig, make_mesh
-from tests.rl.helpers import CFG, host_batch, new_state, on_policy, one_device_mesh, to_host
+from rl_helpers import CFG, host_batch, new_state, on_policy, one_device_mesh, to_host
 
 
 @pytest.fixture(scope="module")
