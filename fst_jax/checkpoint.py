@@ -30,6 +30,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -127,6 +128,9 @@ class Checkpointer:
             keep.append(policies.EveryNSteps(config.keep_every))
         self._manager = ocp.CheckpointManager(
             self.directory,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "host": ocp.JsonCheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=policies.AnyPreservationPolicy(keep),
                 enable_async_checkpointing=config.async_save,
@@ -226,24 +230,40 @@ class Checkpointer:
 
     def _try_restore(self, step: int, target: Any) -> tuple[Restored | None, str]:
         """The restored step, or None and why not. All processes reach the same verdict."""
-        reason = ""
-        restored = None
-        if not (self.directory / str(step) / COMMIT_MARKER).exists():
-            reason = f"no {COMMIT_MARKER}: the save never committed"
-        else:
-            try:
-                out = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target),
-                    host=ocp.args.JsonRestore(),
-                    meta=ocp.args.JsonRestore(),
-                ))
-                reason = _check(step, out.state, out.host, out.meta)
-                restored = Restored(step, out.state, out.host)
-            except Exception as e:  # orbax/tensorstore/json raise many types for a bad file
-                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        restored, reason = None, ""
+        try:
+            restored = self._read(step, target)
+        except _Broken as e:
+            reason = str(e)
         if not distributed.all_processes_agree(not reason):
             return None, reason or "unreadable on another process"
         return restored, ""
+
+    def _read(self, step: int, target: Any) -> Restored:
+        """Read ``step`` onto ``target``. Raises ``_Broken(reason)`` for a damaged or incomplete
+        step and ``ValueError`` if the step is intact but holds other shapes than ``target``."""
+        if not (self.directory / str(step) / COMMIT_MARKER).exists():
+            raise _Broken(f"no {COMMIT_MARKER}: the save never committed")
+        try:
+            saved = self._manager.item_metadata(step)["state"].tree
+        except Exception as e:  # noqa: BLE001 -- orbax/tensorstore/json raise many types
+            raise _Broken(_describe(e)) from e
+        mismatch = _mismatch(_signature(saved), _signature(target))
+        if mismatch:  # not damage: the caller built another model or optimizer than was saved
+            raise ValueError(f"checkpoint step {step} in {self.directory} does not fit the "
+                             f"target state: {mismatch}")
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target),
+                host=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore(),
+            ))
+        except Exception as e:  # noqa: BLE001
+            raise _Broken(_describe(e)) from e
+        problem = _check(step, out.state, out.host, out.meta)
+        if problem:
+            raise _Broken(problem)
+        return Restored(step, out.state, out.host)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def wait(self) -> None:
@@ -259,6 +279,36 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _describe(error: Exception) -> str:
+    first_line = str(error).splitlines()[0][:300] if str(error) else ""
+    return f"{type(error).__name__}: {first_line}"
+
+
+class _Broken(Exception):
+    """A checkpoint step that is damaged or was never completely written."""
+
+
+def _mismatch(saved: list, target: list) -> str:
+    """'' if the two (shape, dtype) lists are equal, else a short account of the difference."""
+    only_saved = list((Counter(saved) - Counter(target)).elements())
+    only_target = list((Counter(target) - Counter(saved)).elements())
+    if not (only_saved or only_target):
+        return ""
+    return (f"{len(saved)} saved vs {len(target)} target arrays; only saved: "
+            f"{only_saved[:4]}; only in target: {only_target[:4]}")
+
+
+def _signature(tree: Any) -> list[tuple[tuple[int, ...], str]]:
+    """Sorted (shape, dtype) of the array leaves of a target or of saved orbax metadata."""
+    def one(x):
+        if isinstance(x, ocp.metadata.ScalarMetadata) or not hasattr(x, "shape"):
+            return None  # Python scalars: nothing to check
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):  # saved as its key data
+            x = jax.eval_shape(jax.random.key_data, x)
+        return tuple(x.shape), np.dtype(x.dtype).name
+    return sorted(sig for sig in map(one, jax.tree.leaves(tree)) if sig is not None)
 
 
 def _check(step: int, state: Any, host: Any, meta: Any) -> str:

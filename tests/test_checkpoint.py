@@ -305,3 +305,13 @@ def test_host_json_round_trips_unicode_and_nesting(tmp_path):
         ckpt.save(1, _small_state(1), host)
         assert ckpt.restore(abstract_target(_small_state(0))).host == host
     assert json.loads((tmp_path / "ckpt" / "1" / "host" / "metadata").read_text()) == host
+
+
+def test_restoring_onto_a_differently_shaped_state_raises_instead_of_starting_fresh(tmp_path):
+    # A config mismatch is the caller's error, not damage: silently starting fresh would let the
+    # retention policy delete the good checkpoints later.
+    with Checkpointer(_config(tmp_path)) as ckpt:
+        _save_steps(ckpt, [1])
+        other = {**_small_state(0), "w": jnp.zeros((32, 64))}
+        with pytest.raises(ValueError, match="does not fit the target"):
+            ckpt.restore(abstract_target(other))
