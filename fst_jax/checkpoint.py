@@ -21,7 +21,10 @@ Usage from a training loop (all processes call every method)::
 
 Restore takes the newest step that is committed and reads back intact; a broken step is logged
 as a warning naming the step and the reason, skipped (never deleted), and the one before it is
-tried. Saving a step number that already exists moves the old directory aside, never deletes it.
+tried. An intact step whose array shapes differ from the target raises ``ValueError`` (a config
+mismatch must not look like a fresh start). Saving a step number that already exists moves the
+old directory aside, never deletes it. ``directory`` may be local or a cloud URL (``gs://``);
+with several processes it must be storage that all of them see.
 """
 
 from __future__ import annotations
@@ -29,15 +32,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from fst_jax import distributed
@@ -122,7 +126,8 @@ class Checkpointer:
 
     def __init__(self, config: CheckpointConfig):
         self.config = config
-        self.directory = Path(config.directory).absolute()
+        url = "://" in config.directory
+        self.directory = epath.Path(config.directory if url else os.path.abspath(config.directory))
         keep: list[Any] = [policies.LatestN(config.keep_last)]
         if config.keep_every:
             keep.append(policies.EveryNSteps(config.keep_every))
@@ -212,7 +217,8 @@ class Checkpointer:
                 raise ValueError(f"checkpoint step {step} not found in {self.directory}")
             restored, reason = self._try_restore(step, target)
             if restored is None:
-                raise ValueError(f"checkpoint step {step} in {self.directory} is unusable: {reason}")
+                raise ValueError(
+                    f"checkpoint step {step} in {self.directory} is unusable: {reason}")
             return restored
         if not steps:
             logger.info("no checkpoint in %s: starting fresh", self.directory)

@@ -183,8 +183,8 @@ def test_no_valid_step_means_fresh_start(tmp_path, caplog):
 
 
 # -- corruption --------------------------------------------------------------------------------
-def _largest_array_file(step_dir: Path) -> Path:
-    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)]
+def _largest_array_file(step_dir) -> Path:
+    files = [p for p in Path(step_dir, "state").rglob("*") if p.is_file() and "/d/" in str(p)]
     return max(files, key=lambda p: p.stat().st_size)
 
 
