@@ -137,8 +137,8 @@ def token_logprobs(model: Transformer, tokens, positions, mask, with_entropy: bo
     logp = jnp.pad(picked - lse, ((0, 0), (1, 0)))
     if not with_entropy:
         return logp, None
-    lg = sg(logits)
-    ent = sg(lse) - jnp.sum(jax.nn.softmax(lg, axis=-1) * lg, axis=-1)
+    lg, lse_c = sg(logits), sg(lse)
+    ent = lse_c - jnp.sum(jnp.exp(lg - lse_c[..., None]) * lg, axis=-1)
     return logp, jnp.pad(ent, ((0, 0), (1, 0)))
 
 
@@ -221,10 +221,13 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
             (loss, aux), g = grad_fn(trainable, state.frozen, mb, w, denom)
             return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss), aux
 
-        zeros = jax.tree.map(jnp.zeros_like, trainable)
-        xs = (jax.tree.map(lambda x: _split(x, k), batch), _split(row_w, k))
-        (grads, loss), (logp, ent) = jax.lax.scan(body, (zeros, jnp.zeros(())), xs)
-        logp, ent = _unsplit(logp), _unsplit(ent)
+        if k == 1:  # no loop: lets XLA fuse the gradient with the update
+            (loss, (logp, ent)), grads = grad_fn(trainable, state.frozen, batch, row_w, denom)
+        else:
+            zeros = jax.tree.map(jnp.zeros_like, trainable)
+            xs = (jax.tree.map(lambda x: _split(x, k), batch), _split(row_w, k))
+            (grads, loss), (logp, ent) = jax.lax.scan(body, (zeros, jnp.zeros(())), xs)
+            logp, ent = _unsplit(logp), _unsplit(ent)
 
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (denom_raw > 0)
@@ -286,6 +289,8 @@ def make_ref_logprobs(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerCon
         def one(mb):
             return token_logprobs(model, mb.tokens, mb.positions, mb.mask)[0]
 
+        if k == 1:
+            return one(batch)
         return _unsplit(jax.lax.map(one, jax.tree.map(lambda x: _split(x, k), batch)))
 
     jitted = jax.jit(fn, in_shardings=(state_shardings(state, mesh), _batch_shardings(mesh)),
