@@ -79,6 +79,8 @@ class CheckpointConfig:
 
 
 class Restored(NamedTuple):
+    """A restored step: the array state (on the target's shardings) and the host JSON dict."""
+
     step: int
     state: Any
     host: dict[str, Any]
@@ -104,8 +106,11 @@ def _leaf_bits(x: jax.Array) -> jax.Array:
         x = jax.random.key_data(x)
     if x.dtype == jnp.bool_:
         return x.astype(jnp.uint32)
-    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
-    return jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, width)
+    if x.dtype.itemsize == 8:  # only with jax_enable_x64: fold the high word in
+        bits = bits ^ (bits >> 32)
+    return bits.astype(jnp.uint32)
 
 
 @jax.jit
@@ -321,7 +326,8 @@ def _check(step: int, state: Any, host: Any, meta: Any) -> str:
     """Why a read-back step is not trustworthy ('' if it is)."""
     if not isinstance(host, dict):
         return f"host state is {type(host).__name__}, not a JSON object"
-    if not isinstance(meta, dict) or meta.get("step") != step or "fingerprint" not in meta:
+    if (not isinstance(meta, dict) or meta.get("format") != _FORMAT or meta.get("step") != step
+            or "fingerprint" not in meta):
         return "checkpoint metadata is missing or malformed"
     if fingerprint(state) != meta["fingerprint"]:
         return "array data does not match the fingerprint written at save time"
