@@ -10,7 +10,7 @@ setup(
         "jax>=0.6",
         "flax>=0.11",
         "optax>=0.2.4",
-        "orbax-checkpoint>=0.11",
+        "orbax-checkpoint>=0.12",
         "chex>=0.1.89",
         "transformers>=4.50",
         "tokenizers>=0.21",

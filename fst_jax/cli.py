@@ -103,7 +103,10 @@ COMMANDS = {"sample": sample_main, "prepare-model": prepare_main}
 
 
 def main(argv=None) -> int:
+    from fst_jax.distributed import initialize
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    initialize()  # multi-host launches set FST_COORDINATOR etc.; a no-op otherwise
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: python -m fst_jax.cli {{{','.join(COMMANDS)}}} [--config FILE] [key=value ...]",
               file=sys.stderr)

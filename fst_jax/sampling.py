@@ -263,10 +263,10 @@ class Sampler:
         B = logits.shape[0]
         P = prefix.k.shape[1]
         n = B // P
-        L, _, _, K, hd = prefix.k.shape
+        L, _, K, _, hd = prefix.k.shape
         cache_dtype = prefix.k.dtype
-        suffix = KV(jnp.zeros((L, B, max_new, K, hd), cache_dtype),
-                    jnp.zeros((L, B, max_new, K, hd), cache_dtype))
+        suffix = KV(jnp.zeros((L, B, K, max_new, hd), cache_dtype),
+                    jnp.zeros((L, B, K, max_new, hd), cache_dtype))
         row_keys = jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(B))
         start_pos = jnp.repeat(lengths, n)
         eos = self.tokenizer.eos_id if self.config.stop_at_eos else -1
@@ -289,7 +289,7 @@ class Sampler:
             live = live.at[:, step].set(~done)
             done = done | (tok == eos)
             logits, new = model.decode(tok, start_pos + step, prefix, prefix_mask, suffix, step)
-            suffix = KV(suffix.k.at[:, :, step].set(new.k), suffix.v.at[:, :, step].set(new.v))
+            suffix = KV(suffix.k.at[:, :, :, step].set(new.k), suffix.v.at[:, :, :, step].set(new.v))
             return step + 1, logits, suffix, toks, lps, live, done
 
         _, _, _, toks, lps, live, done = jax.lax.while_loop(cond, body, init)

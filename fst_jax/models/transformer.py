@@ -27,7 +27,8 @@ _NEG = -1e30
 
 
 class KV(NamedTuple):
-    """Stacked keys and values, ``[layers, batch, length, kv_heads, head_dim]``."""
+    """Stacked keys and values, ``[layers, batch, kv_heads, length, head_dim]`` (the layout the
+    decode attention's batched matmuls read without transposes)."""
 
     k: jax.Array
     v: jax.Array
@@ -192,7 +193,7 @@ class Transformer(nnx.Module):
             s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
             s = jnp.where(allowed[:, None, None], s, _NEG)
             attn = _softmax_values(s, [("bkgts,bskd->btkgd", v)]).reshape(B, T, H, hd)
-            return _mlp_block(cfg, w, x, attn), (k, v)
+            return _mlp_block(cfg, w, x, attn), (k.swapaxes(1, 2), v.swapaxes(1, 2))
 
         x, (ks, vs) = self._scan(body, self.embed_tokens(tokens), self.layers.weights())
         return x, KV(ks, vs)
@@ -211,8 +212,8 @@ class Transformer(nnx.Module):
     def decode(self, token, position, prefix: KV, prefix_mask, suffix: KV, step) -> tuple[jax.Array, KV]:
         """One decode step for ``B = P * n`` rows.
 
-        token, position: int32 ``[B]``; prefix: ``[L, P, Lp, K, hd]`` with ``prefix_mask [P, Lp]``;
-        suffix: ``[L, B, S, K, hd]`` of which slots ``< step`` are valid. Returns logits ``[B, V]``
+        token, position: int32 ``[B]``; prefix: ``[L, P, K, Lp, hd]`` with ``prefix_mask [P, Lp]``;
+        suffix: ``[L, B, K, S, hd]`` of which slots ``< step`` are valid. Returns logits ``[B, V]``
         float32 and this step's keys/values ``[L, B, K, hd]`` (the caller writes slot ``step``).
         """
         cfg = self.cfg
@@ -221,27 +222,36 @@ class Transformer(nnx.Module):
         P = prefix.k.shape[1]
         n = B // P
         K, G, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-        S = suffix.k.shape[2]
+        S = suffix.k.shape[3]
         scale = hd ** -0.5
+        f32 = jnp.float32
+        prefix_ok = prefix_mask[:, None, None, :]  # [P, 1, 1, Lp]
         suffix_ok = (jnp.arange(S) < step)[None, None, None, None, :]
-        prefix_ok = prefix_mask[:, None, None, None, :]
 
         def body(x, layer):
             w, pk, pv, sk, sv = layer
             h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-            q, k, v = _qkv(cfg, w, h, position[:, None], inv_freq)  # [B, 1, *, hd]
-            qg = q.reshape(P, n, K, G, hd)
-            sk_g, sv_g = sk.reshape(P, n, S, K, hd), sv.reshape(P, n, S, K, hd)
-            k_g, v_g = k.reshape(P, n, 1, K, hd), v.reshape(P, n, 1, K, hd)
-            f32 = jnp.float32
-            s_pre = jnp.einsum("pnkgd,pskd->pnkgs", qg, pk, preferred_element_type=f32)
-            s_suf = jnp.einsum("pnkgd,pnskd->pnkgs", qg, sk_g, preferred_element_type=f32)
-            s_cur = jnp.einsum("pnkgd,pnskd->pnkgs", qg, k_g, preferred_element_type=f32)
-            scores = jnp.concatenate([jnp.where(prefix_ok, s_pre, _NEG),
-                                      jnp.where(suffix_ok, s_suf, _NEG), s_cur], -1) * scale
-            attn = _softmax_values(scores, [("pnkgs,pskd->pnkgd", pv), ("pnkgs,pnskd->pnkgd", sv_g),
-                                            ("pnkgs,pnskd->pnkgd", v_g)])
-            attn = attn.reshape(B, 1, cfg.num_heads, hd)
+            q, k, v = _qkv(cfg, w, h, position[:, None], inv_freq)  # [B, 1, heads, hd]
+            q5 = q.reshape(P, n, K, G, hd)
+            # Shared prefix: all n samples' queries of a prompt against its one cache copy.
+            qp = q5.transpose(0, 2, 1, 3, 4).reshape(P, K, n * G, hd)
+            s_pre = jnp.einsum("pkqd,pksd->pkqs", qp, pk, preferred_element_type=f32)
+            s_pre = jnp.where(prefix_ok, s_pre, _NEG).reshape(P, K, n, G, -1).transpose(0, 2, 1, 3, 4)
+            sk5, sv5 = sk.reshape(P, n, K, S, hd), sv.reshape(P, n, K, S, hd)
+            s_suf = jnp.where(suffix_ok, jnp.einsum("pnkgd,pnksd->pnkgs", q5, sk5,
+                                                    preferred_element_type=f32), _NEG)
+            k5, v5 = k.reshape(P, n, K, 1, hd), v.reshape(P, n, K, 1, hd)
+            s_cur = jnp.einsum("pnkgd,pnksd->pnkgs", q5, k5, preferred_element_type=f32)
+            probs = jax.nn.softmax(jnp.concatenate([s_pre, s_suf, s_cur], -1) * scale, axis=-1)
+            Lp = pk.shape[2]
+            p_pre = probs[..., :Lp].transpose(0, 2, 1, 3, 4).reshape(P, K, n * G, Lp)
+            o_pre = jnp.einsum("pkqs,pksd->pkqd", p_pre.astype(pv.dtype), pv,
+                               preferred_element_type=f32)
+            o_pre = o_pre.reshape(P, K, n, G, hd).transpose(0, 2, 1, 3, 4)
+            o_suf = jnp.einsum("pnkgs,pnksd->pnkgd", probs[..., Lp:Lp + S].astype(sv.dtype), sv5,
+                               preferred_element_type=f32)
+            o_cur = probs[..., Lp + S:].astype(f32) * v5[:, :, :, 0, None, :].astype(f32)
+            attn = (o_pre + o_suf + o_cur).reshape(B, 1, cfg.num_heads, hd)
             return _mlp_block(cfg, w, x, attn), (k[:, 0], v[:, 0])
 
         xs = (self.layers.weights(), prefix.k, prefix.v, suffix.k, suffix.v)
