@@ -209,8 +209,9 @@ class Sampler:
 
     def generate(self, params, prompts: PromptBatch, n: int = 1, seed: int = 0,
                  temperature: float | None = None, top_p: float | None = None,
-                 top_k: int | None = None) -> Samples:
-        """Sample ``n`` completions per prompt row (see ``Samples``)."""
+                 top_k: int | None = None, max_new_tokens: int | None = None) -> Samples:
+        """Sample ``n`` completions per prompt row (see ``Samples``). ``None`` arguments take the
+        config's values; each distinct ``max_new_tokens`` compiles its own decode program."""
         cfg = self.config
         P = prompts.num_prompts
         B = P * n
@@ -222,13 +223,13 @@ class Sampler:
                                              self._put(prompts.mask), n=n)
         out = self._decode(self.graphdef, params, first_logits, prefix, self._put(prompts.mask),
                            self._put(prompts.lengths), jax.random.key(seed), self._put(temp),
-                           self._put(tp), self._put(tk), max_new=cfg.max_new_tokens)
+                           self._put(tp), self._put(tk), max_new=max_new_tokens or cfg.max_new_tokens)
         tokens, logprobs, mask, finished = (np.asarray(a) for a in out)
         return Samples(prompts, n, tokens, logprobs, mask, mask.sum(1).astype(np.int32), finished)
 
     def generate_text(self, params, pairs: Sequence[tuple[str, str]], n: int = 1, seed: int = 0,
                       temperature: float | None = None, top_p: float | None = None,
-                      top_k: int | None = None) -> list[list[str]]:
+                      top_k: int | None = None, max_new_tokens: int | None = None) -> list[list[str]]:
         """``n`` completion texts per (context, task) pair, in order. Requests run in equal
         chunks of a power of two up to ``max_prompts_per_batch`` prompts (the last chunk padded
         by repeating a pair), so request sizes share few compiled programs."""
@@ -239,7 +240,8 @@ class Sampler:
             part = list(pairs[start:start + chunk])
             real = len(part)
             part += [part[-1]] * (chunk - real)
-            s = self.generate(params, self.encode(part), n, seed + start, temperature, top_p, top_k)
+            s = self.generate(params, self.encode(part), n, seed + start, temperature, top_p, top_k,
+                              max_new_tokens)
             for p in range(real):
                 texts.append([self.decode_row(s, p * n + j) for j in range(n)])
         return texts

@@ -212,13 +212,15 @@ def register_backend(name: str):
 @register_backend("policy")
 def policy_backend(cfg: ReflectionConfig, *, generator: Any, params_fn: Callable[[], Any],
                    count_tokens: Callable[[str], int] | None = None, **_: Any):
-    """The policy reflects: the meta-prompt is the user message under ``cfg.policy_context``."""
+    """The policy reflects: the meta-prompt is the user message under ``cfg.policy_context``;
+    replies are at most ``cfg.max_tokens`` new tokens."""
     count = count_tokens or estimate_tokens
 
     def lm(prompt: str, seed: int) -> Reply:
         try:
             out = generator.generate_text(params_fn(), [(cfg.policy_context, prompt)], n=1, seed=seed,
-                                          temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+                                          temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                          max_new_tokens=cfg.max_tokens)
             text = out[0][0]
         except Exception as e:
             raise ReflectionError(f"policy reflection failed: {type(e).__name__}: {e}") from e

@@ -23,6 +23,7 @@ class FakeGenerator:
         good = answer % 2 == 0 if "carefully" in context else answer % 3 == 0
         return f"I think it is {answer if good else answer + 1}"
 
-    def generate_text(self, params, pairs, n=1, seed=0, temperature=None, top_p=None, top_k=None):
+    def generate_text(self, params, pairs, n=1, seed=0, temperature=None, top_p=None, top_k=None,
+                      max_new_tokens=None):
         self.calls.append({"pairs": list(pairs), "n": n, "seed": seed})
         return [[self.reply(params, c, p, j) for j in range(n)] for c, p in pairs]

@@ -97,8 +97,9 @@ class FakePolicy:
     def __init__(self):
         self.seen = []
 
-    def generate_text(self, params, pairs, n=1, seed=0, temperature=None, top_p=None, top_k=None):
-        self.seen.append((params, list(pairs), n, seed, temperature, top_p, top_k))
+    def generate_text(self, params, pairs, n=1, seed=0, temperature=None, top_p=None, top_k=None,
+                      max_new_tokens=None):
+        self.seen.append((params, list(pairs), n, seed, temperature, top_p, top_k, max_new_tokens))
         return [["```\nimproved\n```"] for _ in pairs]
 
 
@@ -107,4 +108,4 @@ def test_policy_backend_sends_the_meta_prompt_as_user_message_under_default_cont
     cfg = ReflectionConfig(backend="policy")
     lm = make_reflection_lm(cfg, generator=gen, params_fn=lambda: "P7")
     assert lm("META", 3).text == "```\nimproved\n```"
-    assert gen.seen == [("P7", [("", "META")], 1, 3, 0.6, 0.95, 20)]
+    assert gen.seen == [("P7", [("", "META")], 1, 3, 0.6, 0.95, 20, 1024)]
