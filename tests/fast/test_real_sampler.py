@@ -7,7 +7,7 @@ import pytest
 from fst_jax.fast import EvalConfig, GEPAConfig, ReflectionConfig, run_gepa_round
 from fst_jax.tasks import make_task
 
-sampling = pytest.importorskip("fst_jax.sampling")
+from fst_jax import sampling  # noqa: E402
 from fst_jax.models.configs import tiny  # noqa: E402
 from fst_jax.models.tokenizer import ByteChatTokenizer  # noqa: E402
 from fst_jax.models.transformer import init_model  # noqa: E402
