@@ -115,7 +115,10 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
 
 def init_train_state(model: Transformer, cfg: LearnerConfig, mesh: Mesh,
                      seed: int = 0) -> tuple[nnx.GraphDef, TrainState]:
-    """Split ``model`` per ``cfg``, build optimizer state, and place everything on ``mesh``."""
+    """Split ``model`` per ``cfg``, build optimizer state, and place everything on ``mesh``.
+
+    The state may share (and the train step then donates) the model's arrays: do not use
+    ``model`` afterwards; ``nnx.merge(graphdef, state.weights())`` rebuilds it."""
     graphdef, params, frozen = nnx.split(model, _trainable_filter(cfg), ...)
     lora = init_lora(frozen, cfg.lora, seed) if cfg.lora.enabled else nnx.State({})
     full_ref = cfg.kl.beta > 0 and not cfg.lora.enabled
