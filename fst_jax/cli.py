@@ -38,11 +38,18 @@ class SampleJob:
         require(self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16")
 
 
-def _parse(argv, description: str):
+def _load_job(cls, argv, description: str):
+    """Parse ``[--config FILE] [key=value ...]`` into a validated ``cls``; None (after printing
+    the error) if the config is invalid."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        return load_config(cls, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return None
 
 
 def run_sample(job: SampleJob) -> dict:
@@ -67,11 +74,8 @@ def run_sample(job: SampleJob) -> dict:
 
 
 def sample_main(argv=None) -> int:
-    args = _parse(argv, "Sample completions for a context and a question.")
-    try:
-        job = load_config(SampleJob, args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    job = _load_job(SampleJob, argv, "Sample completions for a context and a question.")
+    if job is None:
         return 2
     record = run_sample(job)
     for i, text in enumerate(record["completions"]):
@@ -81,13 +85,10 @@ def sample_main(argv=None) -> int:
 
 
 def gepa_main(argv=None) -> int:
-    args = _parse(argv, "GEPA alone (frozen weights): evolve a context on a task.")
     from fst_jax.fast.job import GEPAJob, run_gepa_job
 
-    try:
-        job = load_config(GEPAJob, args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    job = _load_job(GEPAJob, argv, "GEPA alone (frozen weights): evolve a context on a task.")
+    if job is None:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     record = run_gepa_job(job)
