@@ -22,6 +22,13 @@ def test_yaml_then_dotted_overrides_build_a_nested_frozen_config(tmp_path):
         job.n = 4  # frozen
 
 
+def test_exponent_floats_without_a_dot_load_as_numbers(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("sampling:\n  temperature: 5e-1\n")
+    job = load_config(cli.SampleJob, path, ["sampling.top_p=9e-1"])
+    assert (job.sampling.temperature, job.sampling.top_p) == (0.5, 0.9)
+
+
 def test_saved_config_loads_back_equal(tmp_path):
     job = load_config(cli.SampleJob, None, ["sampling.top_p=0.8", "seed=7"])
     save_config(job, tmp_path / "c.yaml")
