@@ -73,18 +73,23 @@ def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: 
     return P(*spec)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh) -> Any:
-    """NamedShardings for an ``nnx.State`` of variables with ``logical_axes`` metadata."""
+def state_shardings(state: Any, mesh: Mesh) -> Any:
+    """NamedShardings for any pytree (an ``nnx.State``, a ``TrainState``, a dict of them):
+    every ``nnx.Variable`` (weights, LoRA adapters, and the optimizer moments that mirror them)
+    by its ``logical_axes`` metadata (none: replicated), every other leaf replicated. Works on
+    abstract trees (``jax.eval_shape``) too."""
 
-    def one(var):
-        axes = var.get_metadata().get("logical_axes") or (None,) * var.ndim
-        return var.replace(NamedSharding(mesh, logical_to_spec(tuple(axes), var.shape, mesh)))
+    def one(x):
+        if isinstance(x, nnx.Variable):
+            axes = x.get_metadata().get("logical_axes") or (None,) * len(x.shape)
+            return x.replace(NamedSharding(mesh, logical_to_spec(tuple(axes), x.shape, mesh)))
+        return replicated(mesh)
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """Place an ``nnx.State`` on ``mesh`` following its logical axes."""
+def shard_state(state: Any, mesh: Mesh) -> Any:
+    """Place a pytree on ``mesh`` per ``state_shardings``."""
     return jax.device_put(state, state_shardings(state, mesh))
 
 

@@ -32,7 +32,7 @@ from fst_jax.rl.lora import LoraConfig, apply_lora, init_lora
 from fst_jax.rl.losses import (POLICY_LOSSES, LossConfig, aggregation_weights, policy_loss,
                                weighted_sum)
 from fst_jax.rl.optimizer import OptimizerConfig, learning_rate, make_optimizer
-from fst_jax.sharding import batch_sharding, logical_to_spec, replicated
+from fst_jax.sharding import batch_sharding, replicated, state_shardings  # noqa: F401 (re-exported)
 
 sg = jax.lax.stop_gradient
 
@@ -98,19 +98,6 @@ def _trainable_filter(cfg: LearnerConfig) -> Callable:
         return lambda path, x: not cfg.lora.enabled
     pattern = re.compile(cfg.trainable)
     return lambda path, x: bool(pattern.search("/".join(map(str, path))))
-
-
-def state_shardings(state: Any, mesh: Mesh) -> Any:
-    """NamedShardings for a pytree (e.g. ``TrainState``): every ``nnx.Variable`` (weights and
-    the optimizer moments that mirror them) by its logical axes, everything else replicated."""
-
-    def one(x):
-        if isinstance(x, nnx.Variable):
-            axes = x.get_metadata().get("logical_axes") or (None,) * len(x.shape)
-            return x.replace(jax.sharding.NamedSharding(mesh, logical_to_spec(tuple(axes), x.shape, mesh)))
-        return replicated(mesh)
-
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def init_train_state(model: Transformer, cfg: LearnerConfig, mesh: Mesh,
