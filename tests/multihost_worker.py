@@ -1,9 +1,10 @@
 """One process of the local multi-process test, and the training run it is compared against.
 
 Run as ``python tests/multihost_worker.py PORT PROCESS_ID NUM_PROCESSES OUT_DIR`` with
-``JAX_PLATFORMS=cpu``: joins the run, receives process 0's contexts, trains a tiny model for a few
-steps on a batch sharded over every process's devices, checkpoints the final state with the
-contexts as host state, and writes ``OUT_DIR/process_<id>.json``.
+``JAX_PLATFORMS=cpu``: joins the run, receives process 0's contexts, runs the project's train_step
+(``make_train_step`` on a mesh over every process's devices) for a few steps on a batch built by
+``build_train_batch`` whose rows each process supplies for its own devices, checkpoints the final
+TrainState with the contexts as host state, and writes ``OUT_DIR/process_<id>.json``.
 """
 
 from __future__ import annotations
@@ -13,72 +14,90 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import nnx
 
 from fst_jax import distributed, sharding
 from fst_jax.checkpoint import CheckpointConfig, Checkpointer
 from fst_jax.models.configs import tiny
-from fst_jax.models.transformer import init_model, positions_from_mask
+from fst_jax.models.transformer import init_model
+from fst_jax.rl.batch import TrainBatch, batch_shardings, build_train_batch
+from fst_jax.rl.kl import KLConfig
+from fst_jax.rl.optimizer import OptimizerConfig
+from fst_jax.rl.train_step import (LearnerConfig, TrainState, init_train_state,
+                                   make_ref_logprobs, make_train_step)
 
 CONTEXTS = ["Answer with a number only.", "Think step by step, then answer.", "Réponds vite."]
 STEPS = 4
 GLOBAL_BATCH = 8
-SEQ_LEN = 16
+# The project's learner: CISPO with a k3 KL penalty to a reference copy, AdamW with warm-up.
+CFG = LearnerConfig(kl=KLConfig(estimator="k3", beta=0.01),
+                    optimizer=OptimizerConfig(lr=1e-2, warmup_steps=2))
 
 
-def global_tokens() -> np.ndarray:
-    """The global batch every run trains on, ``[GLOBAL_BATCH, SEQ_LEN]`` int32."""
-    return np.random.default_rng(0).integers(0, tiny().vocab_size, (GLOBAL_BATCH, SEQ_LEN),
-                                             dtype=np.int32)
+def global_batch() -> TrainBatch:
+    """The host batch every run trains on: 4 problems x 2 rows, rows alternating between two
+    contexts (other prompt lengths), sampler log-probs a little off the policy's."""
+    rng = np.random.default_rng(0)
+    vocab = tiny().vocab_size
+    contexts = [rng.integers(1, vocab, n) for n in (3, 7)]
+    tasks = [rng.integers(1, vocab, rng.integers(2, 6)) for _ in range(GLOBAL_BATCH // 2)]
+    prompts = [np.concatenate([contexts[i % 2], tasks[i // 2]]) for i in range(GLOBAL_BATCH)]
+    comps = [rng.integers(1, vocab, rng.integers(3, 12)) for _ in range(GLOBAL_BATCH)]
+    logps = [-rng.random(len(c)) * 3 for c in comps]
+    return build_train_batch(prompts, comps, logps, [float(i % 2) for i in range(GLOBAL_BATCH)],
+                             [i // 2 for i in range(GLOBAL_BATCH)],
+                             [i % 2 for i in range(GLOBAL_BATCH)], pad_id=0)
 
 
-def train(mesh, steps: int = STEPS):
-    """AdamW on next-token loss of a tiny model; returns (losses, params) after ``steps`` steps.
+def local_rows(mesh, num_rows: int = GLOBAL_BATCH) -> list[int]:
+    """The batch rows that live on this process's devices of ``mesh``."""
+    index_map = sharding.batch_sharding(mesh, 1).addressable_devices_indices_map((num_rows,))
+    rows = sorted({i for idx in index_map.values() for i in range(*idx[0].indices(num_rows))})
+    assert rows == list(range(rows[0], rows[-1] + 1)), "a process's rows must be contiguous"
+    return rows
 
-    The batch is laid out over the mesh's batch axes; each process supplies only its own rows.
-    """
-    graphdef, params = nnx.split(init_model(tiny(), seed=0))
-    params = sharding.shard_state(params, mesh)
-    tx = optax.adamw(1e-2)
-    opt_state = tx.init(params)
-    batch_sharding = sharding.batch_sharding(mesh, 2)
-    tokens = global_tokens()
-    local_rows = sorted({i for idx in batch_sharding.addressable_devices_indices_map(
-        tokens.shape).values() for i in range(*idx[0].indices(GLOBAL_BATCH))})
-    batch = jax.make_array_from_process_local_data(batch_sharding, tokens[local_rows],
-                                                   tokens.shape)
 
-    @jax.jit
-    def step(params, opt_state, tokens):
-        def loss_fn(p):
-            inputs, mask = tokens[:, :-1], jnp.ones(tokens[:, :-1].shape, bool)
-            logits = nnx.merge(graphdef, p)(inputs, positions_from_mask(mask), mask)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+def to_global(batch: TrainBatch, mesh) -> TrainBatch:
+    """The host batch as global arrays on ``mesh``, each process supplying only its own rows."""
+    rows = local_rows(mesh, len(batch.tokens))
 
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    def one(x, s):
+        return jax.make_array_from_process_local_data(s, x[rows], x.shape)
 
+    return jax.tree.map(one, batch, batch_shardings(batch, mesh))
+
+
+def scalar(x: jax.Array) -> float:
+    """A replicated scalar's value (also when it spans other processes' devices)."""
+    return float(np.asarray(x.addressable_data(0)))
+
+
+def train(mesh, steps: int = STEPS) -> tuple[list[float], TrainState]:
+    """``steps`` calls of the project's train_step on the global batch, sharded over every
+    process's devices of ``mesh``; returns (losses, final TrainState)."""
+    graphdef, state = init_train_state(init_model(tiny(), seed=0), CFG, mesh, seed=0)
+    train_step = make_train_step(graphdef, state, CFG, mesh)
+    ref_logprobs = make_ref_logprobs(graphdef, state, CFG, mesh)
+    batch = to_global(global_batch(), mesh)
+    batch = batch.replace(ref_logp=ref_logprobs(state, batch))
     losses = []
     for _ in range(steps):
-        params, opt_state, loss = step(params, opt_state, batch)
-        losses.append(float(loss.addressable_data(0)))
-    return losses, params
+        state, metrics = train_step(state, batch)
+        losses.append(scalar(metrics["loss"]))
+    return losses, state
 
 
 def main(port: str, process_id: str, num_processes: str, out_dir: str) -> None:
     distributed.initialize(f"localhost:{port}", int(num_processes), int(process_id))
     contexts = distributed.broadcast_host_object(CONTEXTS if distributed.is_primary() else None)
     mesh = sharding.make_mesh(sharding.MeshConfig(data=-1))
-    losses, params = train(mesh)
+    losses, state = train(mesh)
     config = CheckpointConfig(directory=str(Path(out_dir) / "ckpt"), save_every_steps=0,
                               save_every_minutes=1e-9)  # clock rule: decided by process 0
     with Checkpointer(config) as ckpt:
-        saved = ckpt.maybe_save(STEPS, {"params": params}, {"contexts": contexts})
+        saved = ckpt.maybe_save(STEPS, state, {"contexts": contexts})
     result = {"contexts": contexts, "losses": losses, "saved": saved,
+              "local_rows": local_rows(mesh),
               "process_count": jax.process_count(), "device_count": jax.device_count()}
     (Path(out_dir) / f"process_{process_id}.json").write_text(json.dumps(result))
     distributed.sync("multihost_worker_done")

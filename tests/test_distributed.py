@@ -85,7 +85,8 @@ def _processes(out_dir: Path, num_processes: int = 2):
 def test_two_processes_share_contexts_and_match_single_process_training(tmp_path):
     mesh = sharding.make_mesh(sharding.MeshConfig(data=4), devices=jax.devices()[:4])
     with _processes(tmp_path) as wait:
-        want_losses, want_params = worker.train(mesh)  # single-process reference, meanwhile
+        # single-process reference of the same global batch, meanwhile
+        want_losses, want_state = worker.train(mesh)
         wait()
     results = [json.loads((tmp_path / f"process_{i}.json").read_text()) for i in range(2)]
 
@@ -93,16 +94,26 @@ def test_two_processes_share_contexts_and_match_single_process_training(tmp_path
     assert [r["contexts"] for r in results] == [worker.CONTEXTS] * 2
     assert all(r["process_count"] == 2 and r["device_count"] == 4 for r in results)
 
-    # (b) the sharded 2-process run follows the single-process run of the same global batch
+    # (b) each process fed only its half of the batch to the project's train_step, and the
+    # sharded 2-process run follows the single-process run of the same global batch
+    assert [r["local_rows"] for r in results] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert worker.local_rows(mesh) == list(range(worker.GLOBAL_BATCH))
     for r in results:
         np.testing.assert_allclose(r["losses"], want_losses, rtol=1e-5, atol=1e-5)
-    assert want_losses[-1] < want_losses[0]
+    assert len(set(want_losses)) == worker.STEPS  # every step changed the weights
 
-    # (c) the checkpoint both processes wrote together restores here, on another mesh. Adam
-    # divides by |grad|, so reduction-order noise in near-zero gradients shows up at ~lr * 1e-3.
+    # (c) the TrainState both processes checkpointed together restores here, on another mesh.
+    # Adam divides by |grad|, so reduction-order noise in near-zero gradients shows up at
+    # ~lr * 1e-3 in the weights.
     assert [r["saved"] for r in results] == [True, True]
     with Checkpointer(CheckpointConfig(directory=str(tmp_path / "ckpt"))) as ckpt:
-        restored = ckpt.restore(abstract_target({"params": want_params}))
+        restored = ckpt.restore(abstract_target(want_state))
     assert restored.step == worker.STEPS and restored.host == {"contexts": worker.CONTEXTS}
-    for got, want in zip(jax.tree.leaves(restored.state), jax.tree.leaves(want_params)):
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-4)
+    got = restored.state
+    assert int(got.step) == worker.STEPS and int(got.skipped) == 0
+    np.testing.assert_array_equal(np.asarray(got.rng), np.asarray(want_state.rng))
+    for part in ("params", "ref", "opt_state"):
+        pairs = zip(jax.tree.leaves(getattr(got, part)), jax.tree.leaves(getattr(want_state, part)))
+        for g, w in pairs:
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-4,
+                                       err_msg=part)
