@@ -5,7 +5,8 @@ for deep models, optional remat per layer). Every parameter carries ``logical_ax
 (see ``fst_jax.sharding``) so it can be sharded over a mesh.
 
 Three entry points share one layer body:
-- ``__call__(tokens, positions, mask)``: full causal forward, logits ``[B, T, V]`` float32.
+- ``__call__(tokens, positions, mask, adapters=None)``: full causal forward, logits ``[B, T, V]``
+  float32, optionally with LoRA adapters applied on the activations (for training).
 - ``prefill(tokens, positions, mask)``: same, plus each layer's keys/values ``KV`` for sampling.
 - ``decode(...)``: one new token per row against a *shared prefix* cache of ``P`` prompts and a
   per-row suffix cache of the ``P * n`` rows that sample from them (row ``r`` belongs to prompt
@@ -108,11 +109,29 @@ class DecoderLayers(nnx.Module):
         return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
 
 
-def _qkv(cfg: ModelConfig, w: dict, h: jax.Array, positions: jax.Array, inv_freq: jax.Array):
+def _dense(spec: str, x: jax.Array, w: dict, name: str, ad: dict) -> jax.Array:
+    """``einsum(spec, x, w[name])`` in ``x.dtype``, plus the LoRA path ``(x a) b`` when ``ad``
+    holds ``name``'s adapters ``(a [*in, r], b [r, *out])`` (scale folded into ``b``)."""
+    dt = x.dtype
+    y = jnp.einsum(spec, x, w[name].astype(dt))
+    if name not in ad:
+        return y
+    a, b = ad[name]
+    x_ax, rest = spec.split(",")
+    w_ax, out_ax = rest.split("->")
+    contracted = "".join(c for c in w_ax if c in x_ax)
+    kept = "".join(c for c in x_ax if c not in w_ax)
+    w_out = "".join(c for c in w_ax if c not in x_ax)
+    low = jnp.einsum(f"{x_ax},{contracted}r->{kept}r", x, a.astype(dt))
+    return y + jnp.einsum(f"{kept}r,r{w_out}->{out_ax}", low, b.astype(dt))
+
+
+def _qkv(cfg: ModelConfig, w: dict, ad: dict, h: jax.Array, positions: jax.Array,
+         inv_freq: jax.Array):
     dt = h.dtype
-    q = jnp.einsum("btd,dhk->bthk", h, w["wq"].astype(dt))
-    k = jnp.einsum("btd,dhk->bthk", h, w["wk"].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", h, w["wv"].astype(dt))
+    q = _dense("btd,dhk->bthk", h, w, "wq", ad)
+    k = _dense("btd,dhk->bthk", h, w, "wk", ad)
+    v = _dense("btd,dhk->bthk", h, w, "wv", ad)
     if cfg.attention_bias:
         q, k, v = q + w["bq"].astype(dt), k + w["bk"].astype(dt), v + w["bv"].astype(dt)
     if cfg.qk_norm:
@@ -121,14 +140,13 @@ def _qkv(cfg: ModelConfig, w: dict, h: jax.Array, positions: jax.Array, inv_freq
     return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
 
-def _mlp_block(cfg: ModelConfig, w: dict, x: jax.Array, attn: jax.Array) -> jax.Array:
+def _mlp_block(cfg: ModelConfig, w: dict, ad: dict, x: jax.Array, attn: jax.Array) -> jax.Array:
     """Output projection, residual, SwiGLU MLP, residual."""
-    dt = x.dtype
-    x = x + jnp.einsum("bthk,hkd->btd", attn.astype(dt), w["wo"].astype(dt))
+    x = x + _dense("bthk,hkd->btd", attn.astype(x.dtype), w, "wo", ad)
     h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-    gate = jnp.einsum("btd,df->btf", h, w["w_gate"].astype(dt))
-    up = jnp.einsum("btd,df->btf", h, w["w_up"].astype(dt))
-    return x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, w["w_down"].astype(dt))
+    gate = _dense("btd,df->btf", h, w, "w_gate", ad)
+    up = _dense("btd,df->btf", h, w, "w_up", ad)
+    return x + _dense("btf,fd->btd", jax.nn.silu(gate) * up, w, "w_down", ad)
 
 
 def _softmax_values(scores: jax.Array, values: list[tuple[str, jax.Array]]) -> jax.Array:
@@ -176,8 +194,11 @@ class Transformer(nnx.Module):
         return jax.lax.scan(body, x, xs)
 
     # -- full forward / prefill -----------------------------------------------------------
-    def hidden(self, tokens, positions, mask) -> tuple[jax.Array, KV]:
-        """Causal forward to the last hidden state ``[B, T, D]`` and per-layer keys/values."""
+    def hidden(self, tokens, positions, mask, adapters: dict | None = None) -> tuple[jax.Array, KV]:
+        """Causal forward to the last hidden state ``[B, T, D]`` and per-layer keys/values.
+
+        ``adapters``: optional LoRA ``{target: (a [L, *in, r], b [L, r, *out])}`` (scale folded
+        into ``b``) applied on the activations, ``y = x W + (x a) b``; ``W`` is used as is."""
         cfg = self.cfg
         inv_freq = rope_inv_freq(cfg)
         T = tokens.shape[1]
@@ -185,22 +206,25 @@ class Transformer(nnx.Module):
         G = cfg.num_heads // cfg.num_kv_heads
         scale = cfg.head_dim ** -0.5
 
-        def body(x, w):
+        def body(x, layer):
+            w, ad = layer
             h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-            q, k, v = _qkv(cfg, w, h, positions, inv_freq)
+            q, k, v = _qkv(cfg, w, ad, h, positions, inv_freq)
             B, _, H, hd = q.shape
             qg = q.reshape(B, T, cfg.num_kv_heads, G, hd)
             s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
             s = jnp.where(allowed[:, None, None], s, _NEG)
             attn = _softmax_values(s, [("bkgts,bskd->btkgd", v)]).reshape(B, T, H, hd)
-            return _mlp_block(cfg, w, x, attn), (k.swapaxes(1, 2), v.swapaxes(1, 2))
+            return _mlp_block(cfg, w, ad, x, attn), (k.swapaxes(1, 2), v.swapaxes(1, 2))
 
-        x, (ks, vs) = self._scan(body, self.embed_tokens(tokens), self.layers.weights())
+        xs = (self.layers.weights(), adapters or {})
+        x, (ks, vs) = self._scan(body, self.embed_tokens(tokens), xs)
         return x, KV(ks, vs)
 
-    def __call__(self, tokens, positions, mask) -> jax.Array:
-        """Logits ``[B, T, V]`` float32 for next-token prediction at every position."""
-        x, _ = self.hidden(tokens, positions, mask)
+    def __call__(self, tokens, positions, mask, adapters: dict | None = None) -> jax.Array:
+        """Logits ``[B, T, V]`` float32 for next-token prediction at every position (``adapters``
+        as in ``hidden``)."""
+        x, _ = self.hidden(tokens, positions, mask, adapters)
         return self.logits(x)
 
     def prefill(self, tokens, positions, mask) -> tuple[jax.Array, KV]:
@@ -231,7 +255,7 @@ class Transformer(nnx.Module):
         def body(x, layer):
             w, pk, pv, sk, sv = layer
             h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-            q, k, v = _qkv(cfg, w, h, position[:, None], inv_freq)  # [B, 1, heads, hd]
+            q, k, v = _qkv(cfg, w, {}, h, position[:, None], inv_freq)  # [B, 1, heads, hd]
             q5 = q.reshape(P, n, K, G, hd)
             # Shared prefix: all n samples' queries of a prompt against its one cache copy.
             qp = q5.transpose(0, 2, 1, 3, 4).reshape(P, K, n * G, hd)
@@ -252,7 +276,7 @@ class Transformer(nnx.Module):
                                preferred_element_type=f32)
             o_cur = probs[..., Lp + S:].astype(f32) * v5[:, :, :, 0, None, :].astype(f32)
             attn = (o_pre + o_suf + o_cur).reshape(B, 1, cfg.num_heads, hd)
-            return _mlp_block(cfg, w, x, attn), (k[:, 0], v[:, 0])
+            return _mlp_block(cfg, w, {}, x, attn), (k[:, 0], v[:, 0])
 
         xs = (self.layers.weights(), prefix.k, prefix.v, suffix.k, suffix.v)
         x, (ks, vs) = self._scan(body, self.embed_tokens(token[:, None]), xs)

@@ -1,11 +1,12 @@
-"""LoRA adapters on the stacked decoder weights, applied by merging into the weights.
+"""LoRA adapters on the stacked decoder weights.
 
 A target ``W [L, *in, *out]`` (e.g. ``wq [L, D, H, hd]``, ``wo [L, H, hd, D]``) gets adapters
-``a [L, *in, r]`` (normal, std ``1/sqrt(fan_in)``) and ``b [L, r, *out]`` (zeros), and is used
-as ``W + (alpha / r) * a @ b`` inside the jitted step. Only the adapters are trained (and have
-optimizer state); the base weights stay frozen and, with adapters off, are the reference model.
-Merging materialises one weight-sized delta per target during the step, a transient cost much
-smaller than full fine-tuning's gradients plus two Adam moments for every weight.
+``a [L, *in, r]`` (normal, std ``1/sqrt(fan_in)``) and ``b [L, r, *out]`` (zeros). Training
+applies them on the activations, ``y = x W + (alpha / r) * (x a) b`` (``lora_adapters`` feeds the
+model's layer scan), so the frozen ``W`` is a constant: no weight-sized delta and no gradient
+for it. ``apply_lora`` merges them into the weights, ``W + (alpha / r) * a @ b``, for sampling
+and export. Only the adapters are trained (and have optimizer state); the base weights stay
+frozen and, with adapters off, are the reference model.
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ def lora_delta(name: str, a: jax.Array, b: jax.Array) -> jax.Array:
     n_out = b.ndim - 2
     ins, outs = _LETTERS[:k], _LETTERS[k:k + n_out]
     return jnp.einsum(f"l{ins}r,lr{outs}->l{ins}{outs}", a, b)
+
+
+def lora_adapters(lora: nnx.State, cfg: LoraConfig) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """``{target: (a [L, *in, r], scale * b [L, r, *out])}`` for the model's ``adapters``."""
+    return {name: (ad["a"][...], cfg.scale * ad["b"][...]) for name, ad in lora.items()}
 
 
 def apply_lora(weights: nnx.State, lora: nnx.State, cfg: LoraConfig) -> nnx.State:

@@ -28,7 +28,7 @@ from fst_jax.models.transformer import Transformer
 from fst_jax.rl.advantages import AdvantageConfig
 from fst_jax.rl.batch import TrainBatch
 from fst_jax.rl.kl import KL_ESTIMATORS, KLConfig
-from fst_jax.rl.lora import LoraConfig, apply_lora, init_lora
+from fst_jax.rl.lora import LoraConfig, init_lora, lora_adapters
 from fst_jax.rl.losses import (POLICY_LOSSES, LossConfig, aggregation_weights, policy_loss,
                                weighted_sum)
 from fst_jax.rl.optimizer import OptimizerConfig, learning_rate, make_optimizer
@@ -45,7 +45,9 @@ class LearnerConfig:
     ``embed``, ``final_norm``; None means every weight without LoRA and none with LoRA.
     ``micro_batches`` must divide the batch size (and ``B / micro_batches`` should be a multiple
     of ``data * fsdp``). With LoRA and a KL term the reference is the frozen backbone, so then
-    no base weight may be trained.
+    no base weight may be trained. ``logits_chunk > 0`` computes log-probs over sequence chunks
+    of that many tokens, recomputing each chunk's logits in the backward pass, so the float32
+    ``[B, T, V]`` logits are never held at once (0: all at once).
     """
 
     loss: LossConfig = LossConfig()
@@ -55,9 +57,11 @@ class LearnerConfig:
     lora: LoraConfig = LoraConfig()
     trainable: str | None = None
     micro_batches: int = 1
+    logits_chunk: int = 0
 
     def __post_init__(self):
         require(self.micro_batches >= 1, "micro_batches must be >= 1")
+        require(self.logits_chunk >= 0, "logits_chunk must be >= 0")
         if self.trainable is not None:
             try:
                 re.compile(self.trainable)
@@ -117,19 +121,45 @@ def init_train_state(model: Transformer, cfg: LearnerConfig, mesh: Mesh,
     return graphdef, jax.device_put(state, state_shardings(state, mesh))
 
 
-def token_logprobs(model: Transformer, tokens, positions, mask, with_entropy: bool = False):
-    """``logp [B, T]`` float32 of each token given the ones before (0 at ``t = 0``) and, if
-    asked, the policy's entropy ``[B, T]`` at each predicted position (no gradient)."""
-    x, _ = model.hidden(tokens, positions, mask)
-    logits = model.logits(x[:, :-1])  # [B, T-1, V] float32
+def _logp_entropy(model: Transformer, x, targets):
+    """Hidden states ``x [B, T, D]`` and next tokens ``targets [B, T]`` -> float32 log-probs and
+    entropies (no gradient) ``[B, T]``."""
+    logits = model.logits(x)  # [B, T, V] float32
     lse = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
-    logp = jnp.pad(picked - lse, ((0, 0), (1, 0)))
-    if not with_entropy:
-        return logp, None
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     lg, lse_c = sg(logits), sg(lse)
     ent = lse_c - jnp.sum(jnp.exp(lg - lse_c[..., None]) * lg, axis=-1)
-    return logp, jnp.pad(ent, ((0, 0), (1, 0)))
+    return picked - lse, ent
+
+
+def _chunked_logp_entropy(model: Transformer, x, targets, chunk: int):
+    """``_logp_entropy`` over ``chunk``-token slices of the sequence (zero-padded to a multiple),
+    each rematerialised in the backward pass: only ``[B, chunk, V]`` logits live at a time."""
+    B, T, D = x.shape
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    xs = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D).swapaxes(0, 1)
+    ts = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, n, chunk).swapaxes(0, 1)
+    logp, ent = jax.lax.map(jax.checkpoint(lambda c: _logp_entropy(model, *c)), (xs, ts))
+    unchunk = lambda v: v.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
+    return unchunk(logp), unchunk(ent)
+
+
+def token_logprobs(model: Transformer, tokens, positions, mask, with_entropy: bool = False,
+                   adapters: dict | None = None, chunk: int = 0):
+    """``logp [B, T]`` float32 of each token given the ones before (0 at ``t = 0``) and, if
+    asked, the policy's entropy ``[B, T]`` at each predicted position (no gradient).
+
+    ``adapters``: LoRA adapters applied on the activations (see ``Transformer.hidden``);
+    ``chunk > 0``: compute over sequence chunks of that length (see ``LearnerConfig``)."""
+    x, _ = model.hidden(tokens, positions, mask, adapters)
+    x, targets = x[:, :-1], tokens[:, 1:]
+    if chunk:
+        logp, ent = _chunked_logp_entropy(model, x, targets, chunk)
+    else:
+        logp, ent = _logp_entropy(model, x, targets)
+    shift = lambda v: jnp.pad(v, ((0, 0), (1, 0)))
+    return shift(logp), (shift(ent) if with_entropy else None)
 
 
 def _split(x, k):
@@ -181,15 +211,16 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
     kl_fn = KL_ESTIMATORS[cfg.kl.estimator]
 
     def model_for(trainable, frozen):
+        """The model on the base weights and the LoRA adapters (None without LoRA); ``frozen``
+        is not differentiated, so frozen weights get no gradient."""
         params, lora = trainable
-        weights = nnx.merge_state(params, frozen)
-        if cfg.lora.enabled:
-            weights = apply_lora(weights, lora, cfg.lora)
-        return nnx.merge(graphdef, weights)
+        model = nnx.merge(graphdef, nnx.merge_state(params, frozen))
+        return model, lora_adapters(lora, cfg.lora) if cfg.lora.enabled else None
 
     def micro_loss(trainable, frozen, mb: TrainBatch, row_w, denom):
-        model = model_for(trainable, frozen)
-        logp, ent = token_logprobs(model, mb.tokens, mb.positions, mb.mask, with_entropy=True)
+        model, adapters = model_for(trainable, frozen)
+        logp, ent = token_logprobs(model, mb.tokens, mb.positions, mb.mask, with_entropy=True,
+                                   adapters=adapters, chunk=cfg.logits_chunk)
         token_loss, _ = POLICY_LOSSES[cfg.loss.name].fn(logp, mb.sampler_logp, mb.advantages,
                                                         cfg.loss)
         total = weighted_sum(token_loss, mb.loss_mask, row_w)
@@ -277,7 +308,8 @@ def make_ref_logprobs(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerCon
         model = nnx.merge(graphdef, weights)
 
         def one(mb):
-            return token_logprobs(model, mb.tokens, mb.positions, mb.mask)[0]
+            return token_logprobs(model, mb.tokens, mb.positions, mb.mask,
+                                  chunk=cfg.logits_chunk)[0]
 
         if k == 1:
             return one(batch)
