@@ -1,15 +1,18 @@
 """Benchmark the RL train step on SmolLM2-135M shapes (random init) against a plain peer step.
 
 Configurations: {fp32, bf16 compute} x {full fine-tuning, LoRA r=16}; batch 8 x 256 tokens
-(128 prompt + 128 completion). Ours: ``fst_jax.rl`` CISPO + k3 KL (beta 0.001) + all metrics
-(reference log-probs precomputed, timed apart). Peer: a plain optax AdamW + nnx step on a
-REINFORCE log-prob loss, full fine-tuning (google-tunix is not installed).
+(128 prompt + 128 completion); ``--configs`` also offers ``*_remat`` variants (each layer
+recomputed in the backward pass). Ours: ``fst_jax.rl`` CISPO + k3 KL (beta 0.001) + all metrics
+(reference log-probs precomputed, timed apart), log-probs in chunks of ``LOGITS_CHUNK`` tokens.
+Peer: a plain optax AdamW + nnx step on a REINFORCE log-prob loss, full fine-tuning, no remat
+(google-tunix is not installed).
 
 Each configuration runs in its own process: ours is built and compiled first, so the peak RSS
 after its warm-up step is its own; then the peer is built and the two steps alternate, so both
 see the same machine load (the machine is shared) and the ratio of their medians is fair.
-MFU = model FLOPs (3x forward for full fine-tuning, 2x for LoRA) / median step time / matmul
-peak, the peak measured in the same process with a 2048^3 ``jnp.dot`` in the compute dtype.
+MFU = model FLOPs (3x forward for full fine-tuning, 2x for LoRA; remat's recompute not counted)
+/ median step time / matmul peak, the peak measured in the same process with a 2048^3
+``jnp.dot`` in the compute dtype.
 Prints one JSON object per configuration. ``--quick``: fp32 full only, 2 rounds.
 """
 
@@ -24,9 +27,12 @@ import subprocess
 import sys
 import time
 
-CONFIGS = {"fp32_full": ("float32", 0), "bf16_full": ("bfloat16", 0),
-           "fp32_lora": ("float32", 16), "bf16_lora": ("bfloat16", 16)}
+CONFIGS = {"fp32_full": ("float32", 0, False), "bf16_full": ("bfloat16", 0, False),
+           "fp32_lora": ("float32", 16, False), "bf16_lora": ("bfloat16", 16, False),
+           "fp32_full_remat": ("float32", 0, True), "fp32_lora_remat": ("float32", 16, True)}
+DEFAULT_CONFIGS = ["fp32_full", "bf16_full", "fp32_lora", "bf16_lora"]
 B, P, C = 8, 128, 128
+LOGITS_CHUNK = 64
 PEER = "plain optax.adamw + nnx log-prob (REINFORCE) step, full fine-tuning"
 
 
@@ -75,7 +81,8 @@ def build_ours(mc, rank):
     from fst_jax.rl.train_step import init_train_state, make_ref_logprobs, make_train_step
     from fst_jax.sharding import make_mesh
     mesh = make_mesh()
-    cfg = LearnerConfig(optimizer=OptimizerConfig(lr=1e-6), lora=LoraConfig(rank=rank, alpha=32.0))
+    cfg = LearnerConfig(optimizer=OptimizerConfig(lr=1e-6), lora=LoraConfig(rank=rank, alpha=32.0),
+                        logits_chunk=LOGITS_CHUNK)
     g, state = init_train_state(init_model(mc), cfg, mesh)
     step = make_train_step(g, state, cfg, mesh)
     ref_fn = make_ref_logprobs(g, state, cfg, mesh)
@@ -129,9 +136,9 @@ def build_peer(mc):
 def child(name, rounds):
     import jax.numpy as jnp
     from fst_jax.models.configs import SMOLLM2_135M
-    dtype, rank = CONFIGS[name]
+    dtype, rank, remat = CONFIGS[name]
     mc = SMOLLM2_135M.replace(dtype=dtype)
-    ours, timings = build_ours(mc, rank)
+    ours, timings = build_ours(mc.replace(remat=remat), rank)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # ours alone, GB
     peer = build_peer(mc)
     t_ours, t_peer = [], []
@@ -141,7 +148,8 @@ def child(name, rounds):
     s_ours, s_peer = statistics.median(t_ours), statistics.median(t_peer)
     peak = matmul_peak(jnp.dtype(dtype))
     print(json.dumps({
-        "config": name, "ours_s_per_step": round(s_ours, 3), "peer": PEER,
+        "config": name, "logits_chunk": LOGITS_CHUNK, "remat": remat,
+        "ours_s_per_step": round(s_ours, 3), "peer": PEER,
         "peer_s_per_step": round(s_peer, 3), "ratio": round(s_ours / s_peer, 3),
         "mfu": round(model_flops(mc, lora=rank > 0) / s_ours / peak, 4),
         "peer_mfu": round(model_flops(mc, lora=False) / s_peer / peak, 4),
@@ -155,12 +163,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fp32 full fine-tuning only, 2 rounds")
     ap.add_argument("--rounds", type=int, default=3, help="timed steps of each side")
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     rounds = 2 if args.quick else args.rounds
     if args.child:
         return child(args.child, rounds)
-    for name in ["fp32_full"] if args.quick else list(CONFIGS):
+    for name in ["fp32_full"] if args.quick else args.configs:
         out = subprocess.run([sys.executable, __file__, "--child", name, "--rounds", str(rounds)],
                              capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
         if out.returncode:
