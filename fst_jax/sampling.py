@@ -39,7 +39,10 @@ class SamplingConfig:
     off. ``prompt_buckets`` are the allowed padded prompt lengths (tokens);
     ``max_prompts_per_batch`` bounds the unique prompts per device batch (larger requests are
     split into equal, padded chunks so they reuse one compiled program). ``stop_at_eos=False``
-    always generates ``max_new_tokens`` (benchmarks, fixed-length rollouts)."""
+    always generates ``max_new_tokens`` (benchmarks, fixed-length rollouts). ``unroll_layers``:
+    decode with per-layer weight and cache copies in an unrolled loop (faster on CPU, where XLA
+    copies scanned slices every step; costs a second copy of the weights while generating) or
+    with ``lax.scan`` over the stacked layers; None picks unrolled on the CPU backend only."""
 
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -49,6 +52,7 @@ class SamplingConfig:
     max_context_tokens: int = 512
     max_prompts_per_batch: int = 64
     stop_at_eos: bool = True
+    unroll_layers: bool | None = None
 
     def __post_init__(self):
         require(self.max_new_tokens > 0, "max_new_tokens must be positive")
@@ -208,6 +212,11 @@ class Sampler:
             mask[i, Lp - len(r):] = True
         return PromptBatch(tokens, mask, np.asarray(ctx_lens, np.int32), mask.sum(1).astype(np.int32))
 
+    def _unroll_layers(self) -> bool:
+        if self.config.unroll_layers is None:
+            return jax.default_backend() == "cpu"
+        return self.config.unroll_layers
+
     def _batch_devices(self) -> int:
         if self.mesh is None:
             return 1
@@ -279,8 +288,15 @@ class Sampler:
         n = B // P
         L, _, K, _, hd = prefix.k.shape
         cache_dtype = prefix.k.dtype
-        suffix = KV(jnp.zeros((L, B, K, max_new, hd), cache_dtype),
-                    jnp.zeros((L, B, K, max_new, hd), cache_dtype))
+        if self._unroll_layers():
+            layer_weights = model.unstack_layers()
+            prefix = KV(list(prefix.k), list(prefix.v))
+            suffix = KV(*([jnp.zeros((B, K, max_new, hd), cache_dtype) for _ in range(L)]
+                          for _ in range(2)))
+        else:
+            layer_weights = None
+            suffix = KV(jnp.zeros((L, B, K, max_new, hd), cache_dtype),
+                        jnp.zeros((L, B, K, max_new, hd), cache_dtype))
         row_keys = jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(B))
         start_pos = jnp.repeat(lengths, n)
         eos = self.tokenizer.eos_id if self.config.stop_at_eos else -1
@@ -302,8 +318,9 @@ class Sampler:
             lps = lps.at[:, step].set(jnp.where(done, 0.0, lp))
             live = live.at[:, step].set(~done)
             done = done | (tok == eos)
-            logits, new = model.decode(tok, start_pos + step, prefix, prefix_mask, suffix, step)
-            suffix = KV(suffix.k.at[:, :, :, step].set(new.k), suffix.v.at[:, :, :, step].set(new.v))
+            logits, new = model.decode(tok, start_pos + step, prefix, prefix_mask, suffix, step,
+                                       layer_weights)
+            suffix = jax.tree.map(lambda cache, kv: cache.at[..., step, :].set(kv), suffix, new)
             return step + 1, logits, suffix, toks, lps, live, done
 
         _, _, _, toks, lps, live, done = jax.lax.while_loop(cond, body, init)

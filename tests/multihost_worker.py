@@ -64,7 +64,7 @@ def to_global(batch: TrainBatch, mesh) -> TrainBatch:
     def one(x, s):
         return jax.make_array_from_process_local_data(s, x[rows], x.shape)
 
-    return jax.tree.map(one, batch, batch_shardings(batch, mesh))
+    return jax.tree.map(one, batch, batch_shardings(mesh))
 
 
 def scalar(x: jax.Array) -> float:

@@ -196,3 +196,12 @@ def test_inverse_cdf_draws_follow_the_categorical_distribution():
 def test_first_argmax_equals_argmax_including_ties():
     x = jnp.asarray([[1.0, 3.0, 3.0, 0.0], [5.0, 5.0, 5.0, 5.0], [-1.0, -2.0, -0.5, -0.5]])
     np.testing.assert_array_equal(np.asarray(first_argmax(x)), np.argmax(np.asarray(x), -1))
+
+
+def test_unrolled_and_scanned_layer_decoding_give_the_same_samples(model, tok):
+    unrolled = make_sampler(model, tok, unroll_layers=True)
+    scanned = make_sampler(model, tok, unroll_layers=False)
+    a = unrolled.generate(unrolled.params, unrolled.encode(PAIRS), n=2, seed=5)
+    b = scanned.generate(scanned.params, scanned.encode(PAIRS), n=2, seed=5)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)

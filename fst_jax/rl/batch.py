@@ -119,11 +119,13 @@ def build_train_batch(prompt_tokens: Sequence[Sequence[int]], completion_tokens:
                       context_ids=ctx)
 
 
-def batch_shardings(batch: TrainBatch, mesh: Mesh) -> TrainBatch:
-    """Each field sharded on its leading (batch) axis over ``("data", "fsdp")``."""
-    return jax.tree.map(lambda x: batch_sharding(mesh, np.ndim(x)), batch)
+def batch_shardings(mesh: Mesh) -> TrainBatch:
+    """A ``TrainBatch`` of shardings: every field's leading (batch) axis over ``("data", "fsdp")``."""
+    two, one = batch_sharding(mesh, 2), batch_sharding(mesh, 1)
+    return TrainBatch(tokens=two, positions=two, mask=two, loss_mask=two, sampler_logp=two,
+                      ref_logp=two, advantages=one, rewards=one, group_ids=one, context_ids=one)
 
 
 def shard_batch(batch: TrainBatch, mesh: Mesh) -> TrainBatch:
     """Put a host batch on ``mesh`` (``B`` must be divisible by ``data * fsdp``)."""
-    return jax.device_put(batch, batch_shardings(batch, mesh))
+    return jax.device_put(batch, batch_shardings(mesh))

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from fst_jax.config import ConfigError, require
 from fst_jax.models.transformer import Transformer
 from fst_jax.rl.advantages import AdvantageConfig
-from fst_jax.rl.batch import TrainBatch
+from fst_jax.rl.batch import TrainBatch, batch_shardings
 from fst_jax.rl.kl import KL_ESTIMATORS, KLConfig
 from fst_jax.rl.lora import LoraConfig, init_lora, lora_adapters
 from fst_jax.rl.losses import (POLICY_LOSSES, LossConfig, aggregation_weights, policy_loss,
@@ -172,12 +172,6 @@ def _unsplit(x):
     return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
-def _batch_shardings(mesh: Mesh) -> TrainBatch:
-    two, one = batch_sharding(mesh, 2), batch_sharding(mesh, 1)
-    return TrainBatch(tokens=two, positions=two, mask=two, loss_mask=two, sampler_logp=two,
-                      ref_logp=two, advantages=one, rewards=one, group_ids=one, context_ids=one)
-
-
 def _check_batch(batch: TrainBatch, cfg: LearnerConfig):
     B = batch.tokens.shape[0]
     if B % cfg.micro_batches:
@@ -284,7 +278,7 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
         return new_state, metrics
 
     state_sh = state_shardings(state, mesh)
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, _batch_shardings(mesh)),
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_shardings(mesh)),
                      out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
 
     def train_step(state: TrainState, batch: TrainBatch):
@@ -315,7 +309,7 @@ def make_ref_logprobs(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerCon
             return one(batch)
         return _unsplit(jax.lax.map(one, jax.tree.map(lambda x: _split(x, k), batch)))
 
-    jitted = jax.jit(fn, in_shardings=(state_shardings(state, mesh), _batch_shardings(mesh)),
+    jitted = jax.jit(fn, in_shardings=(state_shardings(state, mesh), batch_shardings(mesh)),
                      out_shardings=batch_sharding(mesh, 2))
 
     def ref_logprobs(state: TrainState, batch: TrainBatch) -> jax.Array:
