@@ -23,7 +23,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from fst_jax.models.bundled import prepare_smollm2  # noqa: E402
 from fst_jax.models.tokenizer import ChatTokenizer  # noqa: E402

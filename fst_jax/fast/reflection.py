@@ -12,6 +12,7 @@ propagates.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import http.client
 import json
@@ -24,6 +25,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
+from fst_jax.registry import register
 from fst_jax.config import require, require_in_registry
 
 log = logging.getLogger(__name__)
@@ -199,14 +201,8 @@ def parse_proposal(reply: str, current_text: str, *, max_tokens: int | None,
 REFLECTION_BACKENDS: dict[str, Callable[..., Callable[[str, int], Reply]]] = {}
 
 
-def register_backend(name: str):
-    """Decorator: register a backend factory ``(config, **deps) -> lm(prompt, seed) -> Reply``."""
-
-    def wrap(factory):
-        REFLECTION_BACKENDS[name] = factory
-        return factory
-
-    return wrap
+# Decorator registering a backend factory ``(config, **deps) -> lm(prompt, seed) -> Reply``.
+register_backend = functools.partial(register, REFLECTION_BACKENDS)
 
 
 @register_backend("policy")

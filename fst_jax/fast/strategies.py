@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
+from fst_jax.registry import register
 from fst_jax.fast.candidates import Population, front_counts, remove_dominated
 
 Selector = Callable[[Population, random.Random, float], int]
@@ -21,16 +22,6 @@ Acceptance = Callable[[Sequence[float], Sequence[float]], bool]
 SELECTORS: dict[str, Selector] = {}
 ACCEPTANCE: dict[str, Acceptance] = {}
 STOPPERS: dict[str, Callable[["StopLimits", "Progress"], str | None]] = {}
-
-
-def register(registry: dict[str, Any], name: str) -> Callable[[Any], Any]:
-    """Decorator: put a strategy into ``registry`` under ``name``."""
-
-    def wrap(fn: Any) -> Any:
-        registry[name] = fn
-        return fn
-
-    return wrap
 
 
 def _best(population: Population) -> int:

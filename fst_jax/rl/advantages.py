@@ -9,25 +9,21 @@ options: batch-level std scaling and dropping groups whose rewards all agree.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from fst_jax.registry import register
 from fst_jax.config import require, require_in_registry
 
 AdvantageFn = Callable[[jax.Array, jax.Array, jax.Array, float], jax.Array]
 ADVANTAGES: dict[str, AdvantageFn] = {}
 
 
-def register_advantage(name: str):
-    """Decorator adding an estimator ``fn(rewards, group_ids, valid, eps) -> [B]`` to the registry."""
-
-    def deco(fn: AdvantageFn) -> AdvantageFn:
-        ADVANTAGES[name] = fn
-        return fn
-
-    return deco
+# Decorator adding an estimator ``fn(rewards, group_ids, valid, eps) -> [B]``.
+register_advantage = functools.partial(register, ADVANTAGES)
 
 
 @dataclasses.dataclass(frozen=True)

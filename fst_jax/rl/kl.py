@@ -20,25 +20,21 @@ from that loss term. ``d`` is clipped to ``[-20, 20]`` inside k3's exponential.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
+from fst_jax.registry import register
 from fst_jax.config import require, require_in_registry
 
 KLFn = Callable[[jax.Array, jax.Array], jax.Array]
 KL_ESTIMATORS: dict[str, KLFn] = {}
 
 
-def register_kl(name: str):
-    """Decorator adding ``fn(logp, ref_logp) -> per-token estimate`` to the registry."""
-
-    def deco(fn: KLFn) -> KLFn:
-        KL_ESTIMATORS[name] = fn
-        return fn
-
-    return deco
+# Decorator adding ``fn(logp, ref_logp) -> per-token estimate``.
+register_kl = functools.partial(register, KL_ESTIMATORS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,11 +15,13 @@ split into micro-batches adds up to the full-batch loss exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from fst_jax.registry import register
 from fst_jax.config import require, require_in_registry
 
 sg = jax.lax.stop_gradient
@@ -44,14 +46,8 @@ def register_loss(name: str, aggregation: str):
     return deco
 
 
-def register_aggregation(name: str):
-    """Decorator: register ``fn(mask, group_ids, fixed_length) -> (row_weight, row_denom)``."""
-
-    def deco(fn):
-        AGGREGATIONS[name] = fn
-        return fn
-
-    return deco
+# Decorator adding ``fn(mask, group_ids, fixed_length) -> (row_weight, row_denom)``.
+register_aggregation = functools.partial(register, AGGREGATIONS)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,10 +9,12 @@ reward so that a raising or out-of-range reward gives score 0 and a feedback nam
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Any, Callable, Protocol, Sequence
 
+from fst_jax.registry import register
 from fst_jax.config import require_in_registry
 
 log = logging.getLogger(__name__)
@@ -45,14 +47,8 @@ class Task(Protocol):
 TASKS: dict[str, Callable[..., Task]] = {}
 
 
-def register_task(name: str) -> Callable[[Callable[..., Task]], Callable[..., Task]]:
-    """Decorator: register a task factory (usually the class) under ``name``."""
-
-    def wrap(factory: Callable[..., Task]) -> Callable[..., Task]:
-        TASKS[name] = factory
-        return factory
-
-    return wrap
+# Decorator registering a task factory (usually the class) under a name.
+register_task = functools.partial(register, TASKS)
 
 
 def make_task(name: str, **kwargs: Any) -> Task:

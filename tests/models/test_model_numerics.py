@@ -8,7 +8,7 @@ from flax import nnx
 
 from fst_jax.models.configs import tiny
 from fst_jax.models.transformer import positions_from_mask
-from fst_jax.models.weights import hf_to_params, model_from_params, model_params
+from fst_jax.models.weights import hf_to_params, model_from_params
 from torch_reference import hf_model, state_dict_numpy
 
 
