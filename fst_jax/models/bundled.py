@@ -41,10 +41,47 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
+def tokenizer_from_gguf(path: Path):
+    """A transformers fast tokenizer (with its chat template) built from a GGUF file's
+    byte-level BPE vocabulary, merges and special tokens.
+
+    Written here rather than calling transformers' GGUF loader because that loader imports
+    torch, which the main install does not need; the tests check both give the same ids."""
+    from gguf import GGUFReader
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    reader = GGUFReader(str(path))
+
+    def strings(name):
+        f = reader.fields[name]
+        return [bytes(f.parts[i]).decode("utf-8") for i in f.data]
+
+    def scalar(name):
+        f = reader.fields[name]
+        return f.parts[f.data[0]].tolist()[0]
+
+    if bytes(reader.fields["tokenizer.ggml.model"].parts[-1]).decode() != "gpt2":
+        raise ValueError(f"{path}: only byte-level BPE ('gpt2') GGUF tokenizers are supported")
+    tokens = strings("tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in strings("tokenizer.ggml.merges")]
+    types = reader.fields["tokenizer.ggml.token_type"]
+    control = [tokens[i] for i, t in enumerate(types.parts[types.data[0]:types.data[-1] + 1])
+               if int(t[0]) == 3]
+    bpe = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=False))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    bpe.decoder = decoders.ByteLevel()
+    special = {k: tokens[scalar(f"tokenizer.ggml.{k}_token_id")] for k in ("bos", "eos", "unknown", "padding")}
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=special["bos"], eos_token=special["eos"],
+                                  unk_token=special["unknown"], pad_token=special["padding"],
+                                  additional_special_tokens=[t for t in control if t not in special.values()])
+    tok.chat_template = bytes(reader.fields["tokenizer.chat_template"].parts[-1]).decode()
+    return tok
+
+
 def prepare_smollm2(target: str | Path | None = None) -> Path:
     """Write SmolLM2-135M-Instruct as an HF folder (once) and return the folder."""
     from safetensors.numpy import save_file
-    from transformers import AutoTokenizer
 
     from fst_jax.models.weights import read_gguf
 
@@ -59,8 +96,7 @@ def prepare_smollm2(target: str | Path | None = None) -> Path:
         hf_cfg.update(architectures=["LlamaForCausalLM"], torch_dtype="float32",
                       bos_token_id=1, eos_token_id=2, pad_token_id=2)
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        tok.save_pretrained(str(tmp))
+        tokenizer_from_gguf(gguf).save_pretrained(str(tmp))
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))  # written last: the marker
         if folder.exists():
             shutil.rmtree(folder)
