@@ -18,6 +18,7 @@ setup(
         "gguf>=0.10",
         "grain>=0.2.10",
         "pyyaml>=6",
+        "jinja2>=3.1",  # chat templates (transformers does not require it itself)
         "numpy>=1.26",
         "tqdm>=4.60",
         "matplotlib>=3.7",
