@@ -240,9 +240,9 @@ class Sampler:
         temp = per_row(temperature, cfg.temperature, np.float32)
         tp = per_row(top_p, cfg.top_p, np.float32)
         tk = per_row(top_k, cfg.top_k, np.int32)
-        first_logits, prefix = self._prefill(self.graphdef, params, self._put(prompts.tokens),
-                                             self._put(prompts.mask), n=n)
-        out = self._decode(self.graphdef, params, first_logits, prefix, self._put(prompts.mask),
+        mask = self._put(prompts.mask)
+        first_logits, prefix = self._prefill(self.graphdef, params, self._put(prompts.tokens), mask, n=n)
+        out = self._decode(self.graphdef, params, first_logits, prefix, mask,
                            self._put(prompts.lengths), jax.random.key(seed), self._put(temp),
                            self._put(tp), self._put(tk), max_new=max_new_tokens or cfg.max_new_tokens)
         tokens, logprobs, mask, finished = (np.asarray(a) for a in out)

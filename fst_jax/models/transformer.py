@@ -149,18 +149,6 @@ def _mlp_block(cfg: ModelConfig, w: dict, ad: dict, x: jax.Array, attn: jax.Arra
     return x + _dense("btf,fd->btd", jax.nn.silu(gate) * up, w, "w_down", ad)
 
 
-def _softmax_values(scores: jax.Array, values: list[tuple[str, jax.Array]]) -> jax.Array:
-    """Softmax over the last axis of float32 ``scores`` split across value blocks."""
-    probs = jax.nn.softmax(scores, axis=-1)
-    out, start = 0.0, 0
-    for spec, v in values:
-        n = v.shape[-3]
-        out = out + jnp.einsum(spec, probs[..., start:start + n].astype(v.dtype), v,
-                               preferred_element_type=jnp.float32)
-        start += n
-    return out
-
-
 class Transformer(nnx.Module):
     """Decoder-only LM. Inputs: ``tokens``/``positions`` int32 ``[B, T]``, ``mask`` bool ``[B, T]``
     (True for real tokens; padding may be on either side)."""
@@ -214,7 +202,9 @@ class Transformer(nnx.Module):
             qg = q.reshape(B, T, cfg.num_kv_heads, G, hd)
             s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
             s = jnp.where(allowed[:, None, None], s, _NEG)
-            attn = _softmax_values(s, [("bkgts,bskd->btkgd", v)]).reshape(B, T, H, hd)
+            probs = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+            attn = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+            attn = attn.reshape(B, T, H, hd)
             return _mlp_block(cfg, w, ad, x, attn), (k.swapaxes(1, 2), v.swapaxes(1, 2))
 
         xs = (self.layers.weights(), adapters or {})
