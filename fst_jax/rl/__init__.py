@@ -8,7 +8,7 @@ from fst_jax.rl.losses import (AGGREGATIONS, POLICY_LOSSES, LossConfig, aggregat
                                policy_loss, register_aggregation, register_loss)
 from fst_jax.rl.optimizer import OptimizerConfig, learning_rate, make_optimizer
 from fst_jax.rl.train_step import (LearnerConfig, TrainState, init_train_state, make_ref_logprobs,
-                                   make_train_step, state_shardings, token_logprobs)
+                                   make_train_step, token_logprobs)
 
 __all__ = [
     "ADVANTAGES", "AGGREGATIONS", "AdvantageConfig", "KLConfig", "KL_ESTIMATORS", "LearnerConfig",
@@ -16,5 +16,5 @@ __all__ = [
     "aggregation_weights", "apply_lora", "bucket", "build_train_batch", "compute_advantages",
     "init_lora", "init_train_state", "learning_rate", "make_optimizer", "make_ref_logprobs",
     "make_train_step", "policy_loss", "register_advantage", "register_aggregation", "register_kl",
-    "register_loss", "shard_batch", "state_shardings", "token_logprobs",
+    "register_loss", "shard_batch", "token_logprobs",
 ]

@@ -32,7 +32,7 @@ from fst_jax.rl.lora import LoraConfig, init_lora, lora_adapters
 from fst_jax.rl.losses import (POLICY_LOSSES, LossConfig, aggregation_weights, policy_loss,
                                weighted_sum)
 from fst_jax.rl.optimizer import OptimizerConfig, learning_rate, make_optimizer
-from fst_jax.sharding import batch_sharding, replicated, state_shardings  # noqa: F401 (re-exported)
+from fst_jax.sharding import batch_sharding, replicated, state_shardings
 
 sg = jax.lax.stop_gradient
 
