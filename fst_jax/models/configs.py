@@ -153,3 +153,11 @@ def tiny(family: Family = "llama", **overrides) -> ModelConfig:
 
 
 SMOLLM2_135M = ModelConfig()
+
+QWEN3_8B = ModelConfig(
+    family="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_layers=36,
+    num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=False, attention_bias=False, qk_norm=True, max_position_embeddings=40960,
+    dtype="bfloat16", param_dtype="float32", remat=True)
+"""Qwen3-8B's architecture (the paper's model; HF ``Qwen/Qwen3-8B`` config.json) for pod
+configs and dry runs: bfloat16 compute over float32 master weights, layers rematerialised."""

@@ -1,0 +1,213 @@
+"""Memory dry run: will a learner config fit the target devices? Nothing is allocated.
+
+``dry_run(model, learner, mesh, num_devices, batch_rows, seq_len, device_memory_gib)`` builds the
+abstract ``TrainState`` (``jax.eval_shape``: shapes, dtypes and shardings, no weights) for the
+target model and mesh, compiles the project's ``make_train_step`` ahead of time over
+``num_devices`` fake CPU devices with that mesh shape, and reports bytes per device:
+
+- ``weights`` (trained + frozen), ``reference`` (the KL reference copy), ``lora``, ``optimizer``
+  and ``batch``: exact, from each array's shard shape under the project's sharding rules;
+- ``train_step``: XLA's ``memory_analysis()`` of the compiled step (arguments, outputs, aliased
+  donations, temporaries); with ``kl.beta > 0`` also the reference log-prob program's;
+- ``total``: the larger program's peak estimate, ``arguments + outputs - aliased + temporaries``.
+
+It raises ``DryRunError`` naming every part when ``total`` exceeds ``device_memory_gib``.
+
+The compile runs in a subprocess (``XLA_FLAGS=--xla_force_host_platform_device_count=N``,
+``JAX_PLATFORMS=cpu``) because JAX fixes the device count when it starts. Temporaries are the
+CPU backend's figure for the same partitioned program: fusion differs on GPU/TPU, so treat them
+as an estimate (weights and optimizer bytes are exact). The sampler's KV cache is not counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fst_jax.config import ConfigError, load_config, require, save_config
+from fst_jax.models.configs import ModelConfig
+from fst_jax.rl.train_step import LearnerConfig
+from fst_jax.sharding import MeshConfig
+
+GIB = 1024 ** 3
+
+
+class DryRunError(RuntimeError):
+    """The configuration does not fit the device memory, or could not be compiled."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DryRunSpec:
+    """What the subprocess compiles: a model and learner on ``num_devices`` devices shaped by
+    ``mesh``, for a train batch of ``batch_rows`` rows of ``seq_len`` tokens."""
+
+    model: ModelConfig = ModelConfig()
+    learner: LearnerConfig = LearnerConfig()
+    mesh: MeshConfig = MeshConfig()
+    num_devices: int = 1
+    batch_rows: int = 1
+    seq_len: int = 16
+
+    def __post_init__(self):
+        require(self.num_devices >= 1, "num_devices must be >= 1")
+        require(self.batch_rows >= 1 and self.seq_len >= 2, "batch_rows >= 1 and seq_len >= 2")
+        inner = self.mesh.fsdp * self.mesh.tensor
+        data = self.num_devices // inner if self.mesh.data == -1 else self.mesh.data
+        require(data * inner == self.num_devices,
+                f"mesh data={self.mesh.data} x fsdp={self.mesh.fsdp} x tensor={self.mesh.tensor} "
+                f"does not fill {self.num_devices} devices")
+        require(self.batch_rows % (data * self.mesh.fsdp) == 0,
+                f"batch_rows={self.batch_rows} must be divisible by data*fsdp={data * self.mesh.fsdp}")
+        require(self.batch_rows % self.learner.micro_batches == 0,
+                f"batch_rows={self.batch_rows} must be divisible by "
+                f"micro_batches={self.learner.micro_batches}")
+
+
+def dry_run(model: ModelConfig, learner: LearnerConfig, mesh: MeshConfig, num_devices: int,
+            batch_rows: int, seq_len: int, device_memory_gib: float,
+            timeout_s: float = 900.0) -> dict[str, Any]:
+    """Bytes per device of the train state and the compiled train step (see the module
+    docstring). Returns a JSON-able dict: ``bytes`` (per part, per device), ``programs``
+    (each compiled program's memory analysis), ``total_bytes``, ``device_memory_bytes``,
+    ``fits`` (True), the mesh shape and the compile seconds. Raises ``DryRunError`` when the
+    total exceeds ``device_memory_gib`` or the subprocess fails, ``ConfigError`` on a bad spec."""
+    require(device_memory_gib > 0, "device_memory_gib must be positive")
+    spec = DryRunSpec(model, learner, mesh, num_devices, batch_rows, seq_len)
+    flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
+                   os.environ.get("XLA_FLAGS", ""))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={num_devices}".strip()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "spec.yaml"
+        save_config(spec, path)
+        try:
+            proc = subprocess.run([sys.executable, "-m", "fst_jax.dryrun", str(path)], env=env,
+                                  capture_output=True, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise DryRunError(f"dry-run compile did not finish in {timeout_s:.0f} s") from None
+    if proc.returncode != 0:
+        raise DryRunError(f"dry-run compile failed (exit {proc.returncode}):\n"
+                          f"{proc.stderr[-4000:]}")
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    limit = int(device_memory_gib * GIB)
+    report["device_memory_bytes"] = limit
+    report["fits"] = report["total_bytes"] <= limit
+    if not report["fits"]:
+        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in report["bytes"].items())
+        temps = ", ".join(f"{name} temporaries {p['temp_size_in_bytes'] / GIB:.2f}"
+                          for name, p in report["programs"].items())
+        raise DryRunError(
+            f"{model.family} model on {num_devices} devices (mesh {report['mesh']}) needs about "
+            f"{report['total_bytes'] / GIB:.2f} GiB per device, over the {device_memory_gib} GiB "
+            f"configured. Per device (GiB): {parts}; {temps}. Shard more (mesh.fsdp), use "
+            f"micro_batches / logits_chunk / model.remat, LoRA, or a smaller batch.")
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """A few human-readable lines (GiB per device) of a ``dry_run`` report."""
+    lines = [f"mesh {report['mesh']}: {report['total_bytes'] / GIB:.2f} GiB per device of "
+             f"{report['device_memory_bytes'] / GIB:.2f}"]
+    lines += [f"  {k:<10} {v / GIB:8.3f} GiB" for k, v in report["bytes"].items()]
+    for name, p in report["programs"].items():
+        lines.append(f"  {name}: temporaries {p['temp_size_in_bytes'] / GIB:.3f} GiB, "
+                     f"peak {p['peak_bytes'] / GIB:.3f} GiB")
+    return "\n".join(lines)
+
+
+# -- the subprocess side -------------------------------------------------------------------
+def _shard_bytes(tree: Any) -> int:
+    """Bytes on one device of a tree of ``jax.ShapeDtypeStruct`` with shardings (the largest
+    shard; shards are equal under the project's divisible-or-replicated rules)."""
+    import jax
+
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shape) * leaf.dtype.itemsize
+    return total
+
+
+def _memory(compiled, resident: int) -> dict[str, int]:
+    """XLA's memory analysis of one compiled program, and its peak estimate: everything
+    resident (state and batch, whether or not the program reads it) plus its outputs that do
+    not reuse a donated input, plus its temporaries."""
+    ma = compiled.memory_analysis()
+    names = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+             "temp_size_in_bytes", "generated_code_size_in_bytes")
+    out = {n: int(getattr(ma, n)) for n in names}
+    out["peak_bytes"] = (max(resident, out["argument_size_in_bytes"]) + out["output_size_in_bytes"]
+                         - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
+    return out
+
+
+def measure(spec: DryRunSpec) -> dict[str, Any]:
+    """Compile and measure in this process (its devices must be ``spec.num_devices``)."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    from fst_jax.checkpoint import abstract_target
+    from fst_jax.models.transformer import init_model
+    from fst_jax.rl.batch import TrainBatch, batch_shardings
+    from fst_jax.rl.train_step import init_train_state, make_ref_logprobs, make_train_step
+    from fst_jax.sharding import make_mesh, state_shardings
+
+    devices = jax.devices()
+    if len(devices) != spec.num_devices:
+        raise ConfigError(f"this process has {len(devices)} devices, the spec {spec.num_devices}")
+    mesh = make_mesh(spec.mesh, devices)
+    box = {}
+
+    def build():
+        graphdef, state = init_train_state(init_model(spec.model), spec.learner, mesh)
+        box["graphdef"] = graphdef
+        return state
+
+    abstract = jax.eval_shape(build)
+    state = abstract_target(abstract, state_shardings(abstract, mesh))
+    B, T = spec.batch_rows, spec.seq_len
+    sh = batch_shardings(mesh)
+    kinds = TrainBatch(tokens=jnp.int32, positions=jnp.int32, mask=jnp.bool_, loss_mask=jnp.bool_,
+                       sampler_logp=jnp.float32, ref_logp=jnp.float32, advantages=jnp.float32,
+                       rewards=jnp.float32, group_ids=jnp.int32, context_ids=jnp.int32)
+    batch = jax.tree.map(
+        lambda dt, s: jax.ShapeDtypeStruct((B, T) if len(s.spec) == 2 else (B,), dt, sharding=s),
+        kinds, sh)
+    programs, seconds = {}, {}
+    t0 = time.perf_counter()
+    step = make_train_step(box["graphdef"], abstract, spec.learner, mesh)
+    programs["train_step"] = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+    seconds["train_step"] = time.perf_counter() - t0
+    if spec.learner.kl.beta > 0:
+        t0 = time.perf_counter()
+        ref = make_ref_logprobs(box["graphdef"], abstract, spec.learner, mesh)
+        programs["ref_logprobs"] = jax.jit(ref).lower(state, batch).compile()
+        seconds["ref_logprobs"] = time.perf_counter() - t0
+    parts = {"weights": _shard_bytes((state.params, state.frozen)),
+             "reference": _shard_bytes(state.ref), "lora": _shard_bytes(state.lora),
+             "optimizer": _shard_bytes(state.opt_state),
+             "other_state": _shard_bytes((state.step, state.skipped, state.rng)),
+             "batch": _shard_bytes(batch)}
+    resident = sum(parts.values())
+    programs = {name: _memory(c, resident) for name, c in programs.items()}
+    return {"bytes": parts, "programs": programs,
+            "total_bytes": max(p["peak_bytes"] for p in programs.values()),
+            "mesh": dict(mesh.shape), "num_devices": spec.num_devices,
+            "num_params": int(sum(math.prod(x.shape) for x in
+                                  jax.tree.leaves((abstract.params, abstract.frozen)))),
+            "compile_seconds": {k: round(v, 2) for k, v in seconds.items()},
+            "backend": jax.default_backend()}
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(load_config(DryRunSpec, sys.argv[1]))))
