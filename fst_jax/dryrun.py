@@ -96,19 +96,25 @@ def dry_run(model: ModelConfig, learner: LearnerConfig, mesh: MeshConfig, num_de
     if proc.returncode != 0:
         raise DryRunError(f"dry-run compile failed (exit {proc.returncode}):\n"
                           f"{proc.stderr[-4000:]}")
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    return check_fits(json.loads(proc.stdout.strip().splitlines()[-1]), device_memory_gib)
+
+
+def check_fits(report: dict[str, Any], device_memory_gib: float) -> dict[str, Any]:
+    """Add ``device_memory_bytes`` and ``fits`` to a measured report; raise ``DryRunError``
+    naming every part when ``total_bytes`` exceeds ``device_memory_gib``."""
+    require(device_memory_gib > 0, "device_memory_gib must be positive")
     limit = int(device_memory_gib * GIB)
-    report["device_memory_bytes"] = limit
-    report["fits"] = report["total_bytes"] <= limit
+    report = {**report, "device_memory_bytes": limit, "fits": report["total_bytes"] <= limit}
     if not report["fits"]:
         parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in report["bytes"].items())
         temps = ", ".join(f"{name} temporaries {p['temp_size_in_bytes'] / GIB:.2f}"
                           for name, p in report["programs"].items())
         raise DryRunError(
-            f"{model.family} model on {num_devices} devices (mesh {report['mesh']}) needs about "
-            f"{report['total_bytes'] / GIB:.2f} GiB per device, over the {device_memory_gib} GiB "
-            f"configured. Per device (GiB): {parts}; {temps}. Shard more (mesh.fsdp), use "
-            f"micro_batches / logits_chunk / model.remat, LoRA, or a smaller batch.")
+            f"{report['model']} on {report['num_devices']} devices (mesh {report['mesh']}) needs "
+            f"about {report['total_bytes'] / GIB:.2f} GiB per device, over the "
+            f"{device_memory_gib} GiB configured. Per device (GiB): {parts}; {temps}. Shard "
+            f"more (mesh.fsdp), or use micro_batches, logits_chunk, model.remat, LoRA or a "
+            f"smaller batch.")
     return report
 
 
@@ -200,7 +206,9 @@ def measure(spec: DryRunSpec) -> dict[str, Any]:
              "batch": _shard_bytes(batch)}
     resident = sum(parts.values())
     programs = {name: _memory(c, resident) for name, c in programs.items()}
-    return {"bytes": parts, "programs": programs,
+    m = spec.model
+    model = f"{m.family} model ({m.num_layers} layers, hidden {m.hidden_size})"
+    return {"model": model, "bytes": parts, "programs": programs,
             "total_bytes": max(p["peak_bytes"] for p in programs.values()),
             "mesh": dict(mesh.shape), "num_devices": spec.num_devices,
             "num_params": int(sum(math.prod(x.shape) for x in
