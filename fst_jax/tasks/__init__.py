@@ -1,6 +1,10 @@
-"""Tasks with verifiable rewards and text feedback; importing this registers the built-in ones."""
+"""Tasks with verifiable rewards and text feedback; importing this registers the built-in ones.
 
-from fst_jax.tasks.base import TASKS, Example, Task, by_id, make_task, register_task, safe_reward
-from fst_jax.tasks import arithmetic  # noqa: F401  (registers "arithmetic")
+reasoning-gym itself is imported only when an ``rg:`` task is built."""
 
-__all__ = ["TASKS", "Example", "Task", "by_id", "make_task", "register_task", "safe_reward"]
+from fst_jax.tasks.base import (DEFAULT_SEED_CONTEXT, TASK_FAMILIES, TASKS, Example, Task, by_id, make_task,
+                                register_task, register_task_family, safe_reward)
+from fst_jax.tasks import arithmetic, codeio, reasoning_gym  # noqa: F401  (register "arithmetic", "codeio", "rg:*")
+
+__all__ = ["DEFAULT_SEED_CONTEXT", "TASKS", "TASK_FAMILIES", "Example", "Task", "by_id", "make_task",
+           "register_task", "register_task_family", "safe_reward"]

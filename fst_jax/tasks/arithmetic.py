@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import re
 
-from fst_jax.tasks.base import Example, register_task
+from fst_jax.tasks.base import DEFAULT_SEED_CONTEXT, Example, register_task
 
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
 _MARKED = (
@@ -30,6 +30,9 @@ TEMPLATES: tuple[tuple[str, str], ...] = (
     ("*", "There are {a} boxes with {b} pencils in each box. How many pencils are there in total?"),
     ("*", "A garden has {a} rows of plants with {b} plants in each row. How many plants are there?"),
 )
+
+
+ORIGINAL_PROMPT = "Solve the word problem. Show your working briefly, then end your reply with '#### <number>'."
 
 
 def _operands(op: str, rng: random.Random) -> tuple[int, int]:
@@ -62,6 +65,9 @@ class ArithmeticTask:
     """One-step arithmetic word problems with small operands."""
 
     name = "arithmetic"
+
+    def __init__(self, seed_context: str = DEFAULT_SEED_CONTEXT, original_prompt: str = ORIGINAL_PROMPT):
+        self.seed_context, self.original_prompt = str(seed_context), str(original_prompt)
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
         """``n`` problems of ``split``; ids are ``arith-{split}-{seed}-{i}``."""

@@ -1,0 +1,195 @@
+"""``rg:<generator>``: any reasoning-gym generator as a task (``make_task("rg:path_star", degree=4)``).
+
+Options other than the ones below go to the generator's own config (``reasoning_gym
+.create_dataset(generator, **options)``); ``rg:codeio`` defaults to output prediction only, the
+paper's task (an input prediction has many right answers, which the generator's single-reference
+scorer cannot see). Note that in reasoning-gym 0.1.25 ``input_prediction_probability`` is the
+probability of an OUTPUT prediction (the names are swapped in its code), hence the default 1.0.
+
+Splits: the generator is seeded from (generator, split, seed) and a problem belongs to the test
+split when the SHA-256 of its question text falls below ``test_fraction``, so a question can
+never be in both splits, whatever the seeds; repeats within a list are skipped.
+Answer: ``fst_jax.tasks.answers.extract_answer`` (``<answer>`` tags, then boxed, ``####``,
+"answer is", then the last line), scored by the generator's own ``score_answer``; the score is
+binarised (1 only for full credit) unless ``partial_credit``. Feedback names the right answer and
+what was wrong: no answer, unmarked format, wrong value, plus task-specific detail for
+``path_star`` (first step that is not an edge), ``knights_knaves`` (people labelled wrongly) and
+``codeio`` (invalid JSON, or the fields that differ from the expected value).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import zlib
+from typing import Any, Callable
+
+from fst_jax.config import ConfigError, require
+from fst_jax.tasks.answers import extract_answer, format_hint
+from fst_jax.tasks.base import DEFAULT_SEED_CONTEXT, Example, in_test_split, register_task, register_task_family
+
+# The generators named in the paper's task families (registered by name; any other works too).
+LISTED = ("codeio", "path_star", "knights_knaves", "family_relationships", "zebra_puzzles",
+          "gsm_symbolic", "basic_arithmetic")
+
+ORIGINAL_PROMPT = (
+    "Given a problem, answer the question by thinking step by step. Once you have thought it through, "
+    "give the final answer between <answer> and </answer> tags, e.g. <answer>42</answer>, with only "
+    "the answer inside the tags. When an example of the answer format is given, follow it exactly."
+)
+_GENERATOR_DEFAULTS: dict[str, dict[str, Any]] = {"codeio": {"input_prediction_probability": 1.0}}
+_VIRTUAL_SIZE = 1_000_000
+
+
+class ReasoningGymTask:
+    """A reasoning-gym generator behind the Task protocol (see the module doc)."""
+
+    def __init__(self, generator: str, *, partial_credit: bool = False, test_fraction: float = 0.5,
+                 seed_context: str = DEFAULT_SEED_CONTEXT, original_prompt: str = ORIGINAL_PROMPT,
+                 **generator_options: Any):
+        import reasoning_gym
+
+        if generator not in reasoning_gym.factory.DATASETS:
+            raise ConfigError(f"unknown reasoning-gym generator {generator!r}; "
+                              f"available: {sorted(reasoning_gym.factory.DATASETS)}")
+        require(0.0 < test_fraction < 1.0, "test_fraction must be in (0, 1)")
+        for reserved in ("seed", "size"):
+            require(reserved not in generator_options, f"{reserved!r} is set by the adapter (use examples(seed=...))")
+        self.generator, self.name = generator, f"rg:{generator}"
+        self.partial_credit, self.test_fraction = bool(partial_credit), float(test_fraction)
+        self.seed_context, self.original_prompt = str(seed_context), str(original_prompt)
+        self.options = {**_GENERATOR_DEFAULTS.get(generator, {}), **generator_options}
+        try:
+            self._scorer = self._dataset(0)
+        except (TypeError, AssertionError, ValueError) as e:
+            raise ConfigError(f"rg:{generator}: bad generator options {generator_options}: {e}") from None
+
+    def _dataset(self, seed: int):
+        import reasoning_gym
+
+        return reasoning_gym.create_dataset(self.generator, seed=seed, size=_VIRTUAL_SIZE, **self.options)
+
+    def __getstate__(self) -> dict[str, Any]:  # generators are rebuilt, not pickled (reward pools)
+        return {k: v for k, v in self.__dict__.items() if k != "_scorer"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._scorer = self._dataset(0)
+
+    def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
+        """``n`` distinct problems of ``split`` ("train" or "test"); ids ``rg:<gen>-<split>-<seed>-<i>``."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        dataset = self._dataset(zlib.crc32(f"{self.generator}|{split}|{seed}".encode()))
+        want_test, seen, out = split == "test", set(), []
+        for idx in range(100 * n + 1000):
+            if len(out) == n:
+                break
+            item = dataset[idx]
+            question = item["question"]
+            if question in seen or in_test_split(question, self.test_fraction) != want_test:
+                continue
+            seen.add(question)
+            out.append(Example(id=f"{self.name}-{split}-{seed}-{len(out)}", prompt=question,
+                               answer=str(item["answer"]), metadata={"entry": item}))
+        if len(out) < n:
+            raise ValueError(f"{self.name} gave only {len(out)} distinct {split} problems of {n} asked; "
+                             f"widen the generator's options")
+        return out
+
+    def reward(self, example: Example, completion: str) -> tuple[float, str]:
+        """Binarised (or partial) generator score of the extracted answer, and feedback."""
+        right = f"The correct answer is {example.answer.rstrip('.')}."
+        got = extract_answer(completion)
+        if got.text is None:
+            return 0.0, f"No answer found: the reply is empty. {right} {format_hint(example.answer)}"
+        raw = float(self._scorer.score_answer(got.text, example.metadata["entry"]))
+        full = raw >= 1.0 - 1e-9
+        score = raw if self.partial_credit else float(full)
+        fmt = "" if got.marked else f" Your answer was not marked, so the last line was taken. {format_hint(example.answer)}"
+        if full:
+            return score, f"Correct: {right}{fmt}"
+        detail = DETAILS.get(self.generator, lambda a, e: "")(got.text, example)
+        partial = f" It earns partial credit {raw:.2f}." if 0 < raw < 1 else ""
+        return score, " ".join(x for x in (f"Your answer {_quote(got.text)} is wrong.{partial}", detail, right) if x) + fmt
+
+
+def _quote(text: str, limit: int = 200) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+# -- task-specific detail: (answer text, example) -> sentence ----------------------------------
+def _path_star_detail(answer: str, example: Example) -> str:
+    task_line = example.prompt.strip().splitlines()[-1]  # "|u v|u v.../start goal = "
+    edges_part, _, ends = task_line.partition("/")
+    edges = {frozenset(map(int, e.split())) for e in edges_part.split("|") if e.strip()}
+    start, goal = (int(x) for x in ends.replace("=", " ").split()[:2])
+    tokens = answer.split()
+    if not tokens or not all(re.fullmatch(r"-?\d+", t) for t in tokens):
+        return "The answer must be node labels only, separated by single spaces."
+    nodes = [int(t) for t in tokens]
+    if nodes[0] != start:
+        return f"The path must start at the start node {start}, not {nodes[0]}."
+    for i, (u, v) in enumerate(zip(nodes, nodes[1:]), 1):
+        if frozenset((u, v)) not in edges:
+            return f"Step {i} ({u} -> {v}) is not an edge of the graph."
+    if nodes[-1] != goal:
+        return f"The path follows edges but ends at {nodes[-1]}, not at the goal node {goal}."
+    return ""
+
+
+def _knights_knaves_detail(answer: str, example: Example) -> str:
+    from reasoning_gym.logic.knights_knaves import KnightsKnavesDataset
+
+    truth = dict(KnightsKnavesDataset._normalize_answer(example.answer))
+    given = dict(KnightsKnavesDataset._normalize_answer(answer))
+    wrong = [f"{name.title()} is {truth[name]}, not {given[name]}" for name in truth if name in given and given[name] != truth[name]]
+    missing = [name.title() for name in truth if name not in given]
+    parts = []
+    if wrong:
+        parts.append("Labelled wrongly: " + "; ".join(wrong) + ".")
+    if missing:
+        parts.append("No label given for: " + ", ".join(missing) + ".")
+    return " ".join(parts)
+
+
+def _json_diff(got: Any, want: Any, path: str = "") -> list[str]:
+    if isinstance(got, dict) and isinstance(want, dict):
+        out = [f"missing key {path}{k!r}" for k in want if k not in got]
+        out += [f"unexpected key {path}{k!r}" for k in got if k not in want]
+        for k in want:
+            if k in got:
+                out += _json_diff(got[k], want[k], f"{path}[{k!r}]")
+        return out
+    if isinstance(got, list) and isinstance(want, list) and len(got) == len(want):
+        return [d for i, (g, w) in enumerate(zip(got, want)) for d in _json_diff(g, w, f"{path}[{i}]")]
+    if got != want:
+        return [f"{path or 'the value'}: you gave {json.dumps(got)}, expected {json.dumps(want)}"]
+    return []
+
+
+def _codeio_detail(answer: str, example: Example) -> str:
+    try:
+        got = json.loads(answer)
+    except ValueError:
+        return "The answer is not valid JSON (write the output as a JSON value)."
+    diffs = _json_diff(got, json.loads(example.answer))
+    return ("Differences: " + "; ".join(diffs[:5]) + ".") if diffs else ""
+
+
+DETAILS: dict[str, Callable[[str, Example], str]] = {
+    "path_star": _path_star_detail,
+    "knights_knaves": _knights_knaves_detail,
+    "codeio": _codeio_detail,
+}
+
+
+@register_task_family("rg")
+def reasoning_gym_task(generator: str, **options: Any) -> ReasoningGymTask:
+    """Factory for ``rg:<generator>`` names."""
+    return ReasoningGymTask(generator, **options)
+
+
+for _name in LISTED:
+    register_task(f"rg:{_name}")(functools.partial(ReasoningGymTask, _name))
