@@ -1,0 +1,453 @@
+"""The paper's evaluation protocol: mean@k, pass@1, OOD, exact KL to the base model, the 2x2
+decomposition, the ScaleRL sigmoid fit, and the plots of a run's metrics.
+
+Metric definitions (host side, NumPy):
+- ``mean_at_k(scores [problems, k])``: the mean score over problems and samples;
+- ``pass_at_1(scores [problems])``: the mean greedy score (fraction solved for 0/1 rewards);
+- ``running_max(values)``: the best value so far at each point (what the paper plots).
+
+``make_exact_kl`` builds the one jitted function: ``KL(pi_theta || pi_base)`` summed over the full
+vocabulary at each completion position of completions sampled from ``pi_theta``, averaged per
+token; the exact value, no estimator. ``EvaluationHook`` runs all of it on a task's fixed
+"test" examples every ``every`` steps of the training loop (or once on a checkpoint) and returns
+a flat dict of floats; OOD tasks always get the ORIGINAL prompt, never an evolved one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+import fst_jax.tasks  # noqa: F401  (registers the built-in tasks the config validates against)
+from fst_jax.config import require, require_in_registry
+from fst_jax.models.transformer import positions_from_mask
+from fst_jax.rl.batch import TrainBatch, shard_batch
+from fst_jax.sharding import BATCH_AXES
+from fst_jax.tasks.base import TASKS, Example, Task, make_task, safe_reward
+
+
+# -- metric definitions -------------------------------------------------------------------
+def _scores(scores: Any, ndim: int, what: str) -> np.ndarray:
+    a = np.asarray(scores, np.float64)
+    if a.ndim != ndim or a.size == 0:
+        raise ValueError(f"{what} needs a non-empty {ndim}-d score array, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{what}: scores must be finite")
+    return a
+
+
+def mean_at_k(scores: Any) -> float:
+    """Mean score over ``scores [problems, k]`` (k samples per problem at the eval temperature)."""
+    return float(_scores(scores, 2, "mean_at_k").mean())
+
+
+def pass_at_1(scores: Any) -> float:
+    """Mean greedy score over ``scores [problems]``: the fraction solved for 0/1 rewards."""
+    return float(_scores(scores, 1, "pass_at_1").mean())
+
+
+def running_max(values: Sequence[float]) -> list[float]:
+    """The best value so far at each index (``[]`` for no values)."""
+    return np.maximum.accumulate(np.asarray(values, np.float64)).tolist() if len(values) else []
+
+
+def steps_to_reach(steps: Sequence[int], values: Sequence[float], target: float) -> int | None:
+    """The first step whose running max reaches ``target`` (None if it never does)."""
+    if len(steps) != len(values):
+        raise ValueError(f"{len(steps)} steps but {len(values)} values")
+    order = np.argsort(np.asarray(steps), kind="stable")
+    for i in order:
+        if values[i] >= target:
+            return int(steps[i])
+    return None
+
+
+def steps_to_reference_peak(runs: Mapping[str, tuple[Sequence[int], Sequence[float]]],
+                            reference: str = "rl") -> dict[str, int | None]:
+    """For each run ``name -> (steps, values)``, the first step it reaches the peak of the
+    ``reference`` run (the paper's "steps to RL's peak")."""
+    if reference not in runs:
+        raise KeyError(f"reference run {reference!r} not among {sorted(runs)}")
+    peak = max(runs[reference][1])
+    return {name: steps_to_reach(s, v, peak) for name, (s, v) in runs.items()}
+
+
+# -- exact KL to the base model -----------------------------------------------------------
+def make_exact_kl(graphdef: nnx.GraphDef, mesh: Mesh | None = None, chunk: int = 128
+                  ) -> Callable[[nnx.State, nnx.State, Any], tuple[float, np.ndarray]]:
+    """``kl(policy_weights, base_weights, batch) -> (token mean, per-row mean [B])``.
+
+    ``batch`` has ``tokens``/``positions`` int32 and ``mask``/``loss_mask`` bool ``[B, T]`` in
+    the ``TrainBatch`` layout (``loss_mask[b, t]``: token ``t`` is a completion token). At each
+    such ``t`` the exact ``sum_v pi(v) (log pi(v) - log pi_base(v))`` of the two models' next-
+    token distributions given ``tokens[b, :t]`` (temperature 1) is taken; the token mean is over
+    all completion tokens, the per-row value over each row's (NaN for a row without any).
+    Logits are computed ``chunk`` positions at a time, so ``[B, T, V]`` is never held. With
+    ``mesh``, rows are padded to a multiple of ``data * fsdp`` and sharded over them.
+    """
+    require(chunk >= 1, "chunk must be >= 1")
+
+    def fn(policy, base, tokens, positions, mask, loss_mask):
+        models = nnx.merge(graphdef, policy), nnx.merge(graphdef, base)
+        xs = [m.hidden(tokens, positions, mask)[0][:, :-1] for m in models]
+        B, T1, D = xs[0].shape
+        n = -(-T1 // chunk)
+        split = lambda x: jnp.pad(x, ((0, 0), (0, n * chunk - T1), (0, 0))).reshape(  # noqa: E731
+            B, n, chunk, D).swapaxes(0, 1)
+
+        def one(c):
+            lp, lb = (jax.nn.log_softmax(m.logits(x), axis=-1) for m, x in zip(models, c))
+            return jnp.sum(jnp.exp(lp) * (lp - lb), axis=-1)
+
+        kl = jax.lax.map(one, tuple(split(x) for x in xs)).swapaxes(0, 1).reshape(B, -1)[:, :T1]
+        target = loss_mask[:, 1:]
+        return jnp.where(target, kl, 0.0).sum(1), target.sum(1)
+
+    jitted = jax.jit(fn)
+    devices = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+    def kl(policy: nnx.State, base: nnx.State, batch: Any) -> tuple[float, np.ndarray]:
+        rows = _kl_batch(*(np.asarray(getattr(batch, f)) for f in
+                           ("tokens", "positions", "mask", "loss_mask")), devices)
+        if mesh is not None:
+            rows = shard_batch(rows, mesh)
+        sums, counts = jitted(policy, base, rows.tokens, rows.positions, rows.mask, rows.loss_mask)
+        B = np.asarray(batch.tokens).shape[0]
+        sums, counts = np.asarray(sums, np.float64)[:B], np.asarray(counts)[:B]
+        if counts.sum() == 0:
+            raise ValueError("exact KL: the batch has no completion tokens (loss_mask all False)")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_row = np.where(counts > 0, sums / counts, np.nan)
+        return float(sums.sum() / counts.sum()), per_row
+
+    return kl
+
+
+def _kl_batch(tokens, positions, mask, loss_mask, multiple: int) -> TrainBatch:
+    """A ``TrainBatch`` holding the four arrays the KL reads (other fields zero), rows padded
+    with empty rows to a multiple of ``multiple``."""
+    B, T = tokens.shape
+    pad = -B % multiple
+    grow = lambda a: np.concatenate([a, np.zeros((pad, T), a.dtype)]) if pad else a  # noqa: E731
+    tokens, positions, mask, loss_mask = map(grow, (tokens, positions, mask, loss_mask))
+    rows, zf, zi = B + pad, np.zeros((B + pad, T), np.float32), np.zeros(B + pad, np.int32)
+    return TrainBatch(tokens=tokens, positions=positions, mask=mask, loss_mask=loss_mask,
+                      sampler_logp=zf, ref_logp=zf, advantages=zi.astype(np.float32),
+                      rewards=zi.astype(np.float32), group_ids=np.arange(rows, dtype=np.int32),
+                      context_ids=zi)
+
+
+def samples_to_rows(samples: Any) -> TrainBatch:
+    """Sampler ``Samples`` -> ``TrainBatch`` rows ``[prompt (left-padded) | completion]`` with
+    ``loss_mask`` on the generated tokens (advantages, log-probs and rewards left at zero).
+
+    A stand-in until ``fst_jax.rollout`` offers the training-row conversion."""
+    n = samples.n
+    tokens = np.concatenate([np.repeat(samples.prompts.tokens, n, 0), samples.tokens], 1)
+    mask = np.concatenate([np.repeat(samples.prompts.mask, n, 0), samples.mask], 1)
+    loss_mask = np.concatenate([np.zeros_like(np.repeat(samples.prompts.mask, n, 0)),
+                                samples.mask], 1)
+    positions = np.asarray(positions_from_mask(jnp.asarray(mask)), np.int32)
+    return _kl_batch(tokens.astype(np.int32), positions, mask, loss_mask, 1)
+
+
+# -- the 2x2 decomposition ----------------------------------------------------------------
+def decomposition_2x2(accuracy_fn: Callable[[Any, str], float], base_weights: Any,
+                      trained_weights: Any, original_context: str, evolved_context: str
+                      ) -> dict[str, float]:
+    """pass@1 of {base, trained} weights x {original, evolved} context, as
+    ``{"base/original": .., "base/evolved": .., "trained/original": .., "trained/evolved": ..}``
+    with ``accuracy_fn(weights, context) -> float``."""
+    weights = {"base": base_weights, "trained": trained_weights}
+    contexts = {"original": original_context, "evolved": evolved_context}
+    return {f"{w}/{c}": float(accuracy_fn(wv, cv))
+            for w, wv in weights.items() for c, cv in contexts.items()}
+
+
+def format_2x2(table: Mapping[str, float]) -> str:
+    """A markdown table (rows: weights, columns: context) of a ``decomposition_2x2`` result."""
+    lines = ["| weights \\ context | original | evolved |", "|---|---|---|"]
+    for w in ("base", "trained"):
+        lines.append(f"| {w} | {table[f'{w}/original']:.4f} | {table[f'{w}/evolved']:.4f} |")
+    return "\n".join(lines)
+
+
+# -- the ScaleRL sigmoid fit --------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SigmoidFit:
+    """``R(C) = R0 + (A - R0) / (1 + (C_mid / C) ** B)``: asymptote ``A``, half-way step
+    ``C_mid``, steepness ``B``; ``rmse`` of the fit over the ``points`` it used."""
+
+    A: float
+    C_mid: float
+    B: float
+    R0: float
+    rmse: float
+    points: int
+
+    def predict(self, steps: Any) -> np.ndarray:
+        return sigmoid_curve(steps, self.A, self.C_mid, self.B, self.R0)
+
+
+def sigmoid_curve(steps: Any, A: float, C_mid: float, B: float, R0: float) -> np.ndarray:
+    """The ScaleRL curve at ``steps`` (``R0`` at step 0)."""
+    C = np.asarray(steps, np.float64)
+    with np.errstate(divide="ignore", over="ignore"):
+        return R0 + (A - R0) / (1.0 + (C_mid / C) ** B)
+
+
+def fit_sigmoid(steps: Sequence[float], values: Sequence[float], r0: float | None = None,
+                a_max: float = 1.0, c_mid_range: tuple[float, float] | None = None,
+                b_range: tuple[float, float] = (0.05, 20.0), grid: int = 200) -> SigmoidFit:
+    """Least-squares fit of the ScaleRL form to ``values`` against ``steps`` (ScaleRL's
+    recipe): a grid over ``A`` in ``(R0, a_max]`` and ``C_mid`` (log-spaced over
+    ``c_mid_range``, default half the first positive step to 10x the last), ``B`` fitted
+    (log grid over ``b_range``) for each pair; the best triple is then refined jointly with
+    ``scipy.optimize.least_squares`` inside the same bounds. ``R0`` defaults to the value at the
+    smallest step. Needs at least 4 points."""
+    from scipy.optimize import least_squares
+
+    C, y = np.asarray(steps, np.float64), np.asarray(values, np.float64)
+    if C.shape != y.shape or C.ndim != 1 or len(C) < 4:
+        raise ValueError(f"need >= 4 matching (step, value) points, got {C.shape} and {y.shape}")
+    if not (np.all(np.isfinite(C)) and np.all(np.isfinite(y)) and np.all(C >= 0)):
+        raise ValueError("steps must be finite and >= 0, values finite")
+    R0 = float(y[np.argmin(C)]) if r0 is None else float(r0)
+    require(a_max > R0, f"a_max={a_max} must exceed R0={R0}")
+    positive = C[C > 0]
+    if c_mid_range is None:
+        require(len(positive) > 0, "need a positive step")
+        c_mid_range = (positive.min() / 2, 10 * C.max())
+    A_grid = np.linspace(R0, a_max, grid + 1)[1:]
+    Cm_grid = np.geomspace(*c_mid_range, grid)
+    B_grid = np.geomspace(*b_range, max(grid // 2, 8))
+    with np.errstate(divide="ignore", over="ignore"):
+        frac = 1.0 / (1.0 + (Cm_grid[:, None, None] / C) ** B_grid[None, :, None])  # [Cm, B, n]
+    r = y - R0  # SSE(A) = sum r^2 - 2 (A - R0) sum r f + (A - R0)^2 sum f^2
+    rf, ff = frac @ r, (frac ** 2).sum(-1)
+    d = (A_grid - R0)[:, None, None]
+    sse = (r @ r) - 2 * d * rf[None] + d ** 2 * ff[None]  # [A, Cm, B]
+    ia, ic, ib = np.unravel_index(np.argmin(sse), sse.shape)
+
+    def resid(p):
+        return sigmoid_curve(C, p[0], np.exp(p[1]), np.exp(p[2]), R0) - y
+
+    lo = [A_grid[0], np.log(c_mid_range[0]), np.log(b_range[0])]
+    hi = [a_max, np.log(c_mid_range[1]), np.log(b_range[1])]
+    x0 = [A_grid[ia], np.log(Cm_grid[ic]), np.log(B_grid[ib])]
+    best = least_squares(resid, x0, bounds=(lo, hi)).x
+    if np.sum(resid(best) ** 2) > np.sum(resid(np.asarray(x0)) ** 2):
+        best = np.asarray(x0)
+    rmse = float(np.sqrt(np.mean(resid(best) ** 2)))
+    return SigmoidFit(float(best[0]), float(np.exp(best[1])), float(np.exp(best[2])), R0, rmse,
+                      len(C))
+
+
+# -- the loop hook ------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+    """Evaluation every ``every`` steps (0: off) on ``num_examples`` fixed "test" examples of the
+    task (and of each ``ood_tasks`` name, always with the original prompt).
+
+    ``k`` samples per example at ``temperature`` give mean@k; ``greedy`` adds pass@1;
+    ``kl`` adds the exact ``KL(pi_theta || pi_base)`` per completion token on one temperature-1
+    sample per example, prompted with the ``kl_context`` ("original": the fixed eval prompt set,
+    comparable across modes and checkpoints; "best": the best evolved context) (guess);
+    ``two_by_two`` adds greedy pass@1 of the base weights with both contexts (the 2x2).
+    ``max_new_tokens`` None keeps the generator's default; ``seed`` picks the examples and the
+    samples (the same at every evaluation, so checkpoints are compared on equal draws).
+    """
+
+    every: int = 0
+    num_examples: int = 64
+    k: int = 4
+    temperature: float = 0.6
+    greedy: bool = True
+    kl: bool = True
+    kl_context: Literal["original", "best"] = "original"
+    two_by_two: bool = False
+    ood_tasks: tuple[str, ...] = ()
+    max_new_tokens: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        require(self.every >= 0, "every must be >= 0 (0 = off)")
+        require(self.num_examples >= 1, "num_examples must be >= 1")
+        require(self.k >= 1, "k must be >= 1")
+        require(self.temperature > 0, "temperature must be > 0 (greedy scores are pass@1)")
+        require(self.max_new_tokens is None or self.max_new_tokens >= 1,
+                "max_new_tokens must be >= 1")
+        require(not self.two_by_two or self.greedy, "two_by_two needs greedy (pass@1)")
+        require(len(set(self.ood_tasks)) == len(self.ood_tasks), "ood_tasks has duplicates")
+        for name in self.ood_tasks:
+            require_in_registry(name, TASKS, "ood task")
+
+
+class EvaluationHook:
+    """Runs ``EvaluationConfig``'s protocol; keeps the running maxima (``state`` /
+    ``load_state`` for checkpoints). ``ood`` overrides the tasks built from
+    ``config.ood_tasks`` (same names)."""
+
+    def __init__(self, config: EvaluationConfig, ood: Mapping[str, Task] | None = None):
+        self.config = config
+        if ood is None:
+            ood = {name: make_task(name) for name in config.ood_tasks}
+        require(sorted(ood) == sorted(config.ood_tasks),
+                f"ood tasks {sorted(ood)} differ from config.ood_tasks {sorted(config.ood_tasks)}")
+        self.ood = dict(ood)
+        self.best: dict[str, float] = {}
+        self._examples: dict[str, list[Example]] = {}
+        self._kl: tuple[Any, Callable] | None = None
+
+    def due(self, step: int) -> bool:
+        return self.config.every > 0 and step % self.config.every == 0
+
+    def state(self) -> dict[str, Any]:
+        return {"best": dict(self.best)}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.best = {k: float(v) for k, v in state["best"].items()}
+
+    def examples(self, task: Task) -> list[Example]:
+        """The task's fixed validation examples (cached per task name)."""
+        if task.name not in self._examples:
+            self._examples[task.name] = task.examples("test", self.config.num_examples,
+                                                      seed=self.config.seed)
+        return self._examples[task.name]
+
+    def _grade(self, generator, params, jobs: list[tuple[Task, Example, str]], n: int,
+               temperature: float) -> dict[tuple[str, str, str], np.ndarray]:
+        """Scores ``[n]`` per distinct (task, example, context) job, from one generator call."""
+        keys = list(dict.fromkeys((t.name, ex.id, ctx) for t, ex, ctx in jobs))
+        by_key = {(t.name, ex.id, ctx): (t, ex) for t, ex, ctx in jobs}
+        pairs = [(ctx, by_key[(name, ex_id, ctx)][1].prompt) for name, ex_id, ctx in keys]
+        texts = generator.generate_text(params, pairs, n=n, seed=self.config.seed,
+                                        temperature=temperature,
+                                        max_new_tokens=self.config.max_new_tokens)
+        if len(texts) != len(keys) or any(len(t) != n for t in texts):
+            raise ValueError(f"generator returned {len(texts)} groups for {len(keys)} prompts (n={n})")
+        return {k: np.array([safe_reward(*by_key[k], out)[0] for out in outs])
+                for k, outs in zip(keys, texts)}
+
+    def run(self, generator, params, base_params, task: Task, contexts: Sequence[str],
+            original_prompt: str) -> dict[str, float]:
+        """Evaluate ``params`` (the current sampling weights) with ``contexts[0]`` (the best
+        evolved context; ``[original_prompt]`` in rl mode) and with ``original_prompt``.
+
+        ``generator``: a ``TextGenerator``; for ``kl`` the project's ``Sampler`` (it needs
+        ``encode``, ``generate``, ``graphdef`` and ``mesh``). ``base_params``: the base weights
+        (for ``kl`` and ``two_by_two``). Returns ``eval/...`` floats (see the README)."""
+        cfg, k = self.config, self.config.k
+        require(len(contexts) > 0, "contexts must hold at least the original prompt")
+        require(base_params is not None or not (cfg.kl or cfg.two_by_two),
+                "kl and two_by_two need base_params")
+        best_ctx = contexts[0]
+        main = [(task, ex, c) for ex in self.examples(task) for c in (best_ctx, original_prompt)]
+        ood = [(t, ex, original_prompt) for t in self.ood.values() for ex in self.examples(t)]
+        out: dict[str, float] = {}
+
+        def table(scores, t: Task, ctx: str) -> np.ndarray:
+            return np.stack([scores[(t.name, ex.id, ctx)] for ex in self.examples(t)])
+
+        sampled = self._grade(generator, params, main + ood, k, cfg.temperature)
+        out[f"eval/mean@{k}"] = mean_at_k(table(sampled, task, best_ctx))
+        out[f"eval/mean@{k}_original"] = mean_at_k(table(sampled, task, original_prompt))
+        for name, t in self.ood.items():
+            out[f"eval/ood/{name}/mean@{k}"] = mean_at_k(table(sampled, t, original_prompt))
+        if cfg.greedy:
+            greedy = self._grade(generator, params, main + ood, 1, 0.0)
+            out["eval/pass@1"] = pass_at_1(table(greedy, task, best_ctx)[:, 0])
+            out["eval/pass@1_original"] = pass_at_1(table(greedy, task, original_prompt)[:, 0])
+            for name, t in self.ood.items():
+                out[f"eval/ood/{name}/pass@1"] = pass_at_1(table(greedy, t, original_prompt)[:, 0])
+        if cfg.two_by_two:
+            graded = {id(params): greedy}
+
+            def accuracy(weights, ctx: str) -> float:
+                if id(weights) not in graded:  # the base weights, both contexts in one call
+                    graded[id(weights)] = self._grade(generator, weights, main, 1, 0.0)
+                return pass_at_1(table(graded[id(weights)], task, ctx)[:, 0])
+
+            grid = decomposition_2x2(accuracy, base_params, params, original_prompt, best_ctx)
+            out.update({f"eval/2x2/{key}": v for key, v in grid.items()})
+        for key in (f"eval/mean@{k}", f"eval/mean@{k}_original", "eval/pass@1",
+                    "eval/pass@1_original"):
+            if key in out:
+                self.best[key] = max(self.best.get(key, -np.inf), out[key])
+                out[f"{key}_max"] = self.best[key]
+        if cfg.kl:
+            ctx = original_prompt if cfg.kl_context == "original" else best_ctx
+            out["eval/kl_to_base"] = self.kl_to_base(generator, params, base_params, task, ctx)
+        return out
+
+    def kl_to_base(self, sampler, params, base_params, task: Task, context: str) -> float:
+        """Exact per-token KL(pi_params || pi_base) on one temperature-1 sample per example."""
+        for attr in ("encode", "generate", "graphdef", "mesh"):
+            if not hasattr(sampler, attr):
+                raise TypeError(f"kl needs the project's Sampler (no {attr!r} on "
+                                f"{type(sampler).__name__}); set eval.kl=false otherwise")
+        if self._kl is None or self._kl[0] is not sampler:
+            self._kl = (sampler, make_exact_kl(sampler.graphdef, sampler.mesh))
+        prompts = sampler.encode([(context, ex.prompt) for ex in self.examples(task)])
+        samples = sampler.generate(params, prompts, n=1, seed=self.config.seed + 1,
+                                   temperature=1.0, top_p=1.0, top_k=0,
+                                   max_new_tokens=self.config.max_new_tokens)
+        return self._kl[1](params, base_params, samples_to_rows(samples))[0]
+
+
+# -- plots --------------------------------------------------------------------------------
+def _reward_key(rows: Sequence[Mapping[str, Any]]) -> str:
+    keys = sorted({k for r in rows for k in r if re.fullmatch(r"eval/mean@\d+", k)})
+    if not keys:
+        raise ValueError("no eval/mean@k values in these metrics rows")
+    return keys[0]
+
+
+def _by_mode(rows, *keys) -> dict[str, list[tuple[float, ...]]]:
+    out: dict[str, list[tuple[float, ...]]] = {}
+    for r in rows:
+        if all(k in r and r[k] is not None for k in keys):
+            out.setdefault(str(r.get("mode", "run")), []).append(tuple(float(r[k]) for k in keys))
+    return {m: sorted(v) for m, v in out.items()}
+
+
+def plot_metrics(rows: Sequence[Mapping[str, Any]], out_dir: str | Path,
+                 reward_key: str | None = None) -> list[Path]:
+    """PNG plots of metrics rows (dicts with "step", optional "mode", and ``eval/...`` keys;
+    one line per mode): ``reward_vs_step.png`` (running max of ``reward_key``, default the
+    ``eval/mean@k`` key) and, when rows carry ``eval/kl_to_base``, ``kl_vs_reward.png``.
+    Returns the files written."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    key = reward_key or _reward_key(rows)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for mode, pts in _by_mode(rows, "step", key).items():
+        steps, vals = zip(*pts)
+        ax.plot(steps, running_max(vals), marker=".", label=mode)
+    ax.set(xlabel="RL step", ylabel=f"{key} (running max)", title="Validation reward")
+    ax.legend()
+    written.append(out_dir / "reward_vs_step.png")
+    fig.savefig(written[-1], dpi=120)
+    kl = _by_mode(rows, key, "eval/kl_to_base")
+    if kl:
+        fig = Figure(figsize=(6, 4), layout="constrained")
+        ax = fig.subplots()
+        for mode, pts in kl.items():
+            ax.scatter(*zip(*pts), label=mode, s=14)
+        ax.set(xlabel=key, ylabel="KL(pi_theta || pi_base) per token", title="KL vs reward")
+        ax.legend()
+        written.append(out_dir / "kl_vs_reward.png")
+        fig.savefig(written[-1], dpi=120)
+    return written

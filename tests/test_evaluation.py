@@ -1,0 +1,254 @@
+"""Evaluation protocol: metric definitions, exact KL against NumPy, the 2x2, the sigmoid fit,
+the loop hook (stub generator and the real sampler on a tiny model), and the plots."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from fst_jax.config import ConfigError
+from fst_jax.evaluation import (EvaluationConfig, EvaluationHook, decomposition_2x2,
+                                fit_sigmoid, format_2x2, make_exact_kl, mean_at_k, pass_at_1,
+                                plot_metrics, running_max, samples_to_rows, sigmoid_curve,
+                                steps_to_reach, steps_to_reference_peak)
+from fst_jax.models.configs import tiny
+from fst_jax.models.tokenizer import ByteChatTokenizer
+from fst_jax.models.transformer import init_model
+from fst_jax.rl.advantages import AdvantageConfig
+from fst_jax.rl.batch import build_train_batch
+from fst_jax.sampling import Sampler, SamplingConfig
+from fst_jax.sharding import MeshConfig, make_mesh
+from fst_jax.tasks.arithmetic import ArithmeticTask
+from fst_jax.tasks.base import register_task
+
+HINT = "Think step by step."
+
+
+# -- metric definitions -------------------------------------------------------------------
+def test_mean_at_k_and_pass_at_1_on_hand_worked_scores():
+    assert mean_at_k([[1, 0, 1, 1], [0, 0, 0, 1]]) == pytest.approx(4 / 8)
+    assert mean_at_k([[0.5, 1.0]]) == pytest.approx(0.75)
+    assert pass_at_1([1, 0, 0]) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("fn, bad", [(mean_at_k, [1, 0]), (mean_at_k, np.zeros((0, 4))),
+                                     (mean_at_k, [[1, np.nan]]), (pass_at_1, [[1, 0]])])
+def test_metrics_reject_wrong_shapes_and_non_finite_scores(fn, bad):
+    with pytest.raises(ValueError):
+        fn(bad)
+
+
+def test_running_max_and_steps_to_reach_use_the_best_value_so_far():
+    values = [0.1, 0.3, 0.2, 0.5, 0.4]
+    assert running_max(values) == [0.1, 0.3, 0.3, 0.5, 0.5]
+    assert running_max([]) == []
+    steps = [0, 10, 20, 30, 40]
+    assert steps_to_reach(steps, values, 0.3) == 10
+    assert steps_to_reach(steps, values, 0.45) == 30
+    assert steps_to_reach(steps, values, 0.6) is None
+    assert steps_to_reach([30, 0, 10], [0.5, 0.1, 0.5], 0.5) == 10  # unordered steps
+    runs = {"rl": ([0, 10, 20], [0.1, 0.4, 0.3]), "fst": ([0, 10, 20], [0.2, 0.5, 0.6]),
+            "gepa": ([0, 10, 20], [0.1, 0.2, 0.2])}
+    assert steps_to_reference_peak(runs) == {"rl": 10, "fst": 10, "gepa": None}
+
+
+# -- exact KL -----------------------------------------------------------------------------
+MODEL = tiny("llama")
+
+
+def kl_batch(rows=5, seed=0):
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(1, MODEL.vocab_size, rng.integers(3, 10)) for _ in range(rows)]
+    comps = [rng.integers(1, MODEL.vocab_size, rng.integers(1, 12)) for _ in range(rows)]
+    return build_train_batch(prompts, comps, [np.zeros(len(c)) for c in comps], [0.0] * rows,
+                             list(range(rows)), [0] * rows, pad_id=0,
+                             advantage=AdvantageConfig(drop_zero_variance=False))
+
+
+def numpy_kl(policy_model, base_model, batch):
+    """Per-position exact KL from full float64 log-softmaxes, then token and row means."""
+    args = (batch.tokens, batch.positions, batch.mask)
+    lp, lb = (np.asarray(m(*args), np.float64) for m in (policy_model, base_model))
+    lp -= np.log(np.exp(lp - lp.max(-1, keepdims=True)).sum(-1, keepdims=True)) + lp.max(-1, keepdims=True)
+    lb -= np.log(np.exp(lb - lb.max(-1, keepdims=True)).sum(-1, keepdims=True)) + lb.max(-1, keepdims=True)
+    kl = (np.exp(lp) * (lp - lb)).sum(-1)[:, :-1]  # position t predicts token t + 1
+    m = batch.loss_mask[:, 1:]
+    return (kl * m).sum() / m.sum(), (kl * m).sum(1) / m.sum(1)
+
+
+@pytest.mark.parametrize("mesh_cfg, chunk", [(None, 7), (MeshConfig(data=2, fsdp=2, tensor=2), 64)])
+def test_exact_kl_equals_numpy_full_vocabulary_kl_per_completion_token(mesh_cfg, chunk):
+    policy, base = init_model(MODEL, seed=1), init_model(MODEL, seed=2)
+    graphdef, pw = nnx.split(policy)
+    bw = nnx.state(base)
+    mesh = make_mesh(mesh_cfg) if mesh_cfg else None
+    batch = kl_batch()
+    mean, per_row = make_exact_kl(graphdef, mesh, chunk=chunk)(pw, bw, batch)
+    want_mean, want_rows = numpy_kl(policy, base, batch)
+    assert mean > 1e-3
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-4)
+    np.testing.assert_allclose(per_row, want_rows, rtol=1e-4)
+    same, _ = make_exact_kl(graphdef, mesh, chunk=chunk)(pw, pw, batch)
+    assert abs(same) < 1e-6
+
+
+def test_exact_kl_refuses_a_batch_without_completion_tokens():
+    graphdef, w = nnx.split(init_model(MODEL))
+    batch = kl_batch()
+    batch = batch.replace(loss_mask=np.zeros_like(batch.loss_mask))
+    with pytest.raises(ValueError, match="no completion tokens"):
+        make_exact_kl(graphdef)(w, w, batch)
+
+
+# -- the 2x2 ------------------------------------------------------------------------------
+def test_2x2_puts_each_weights_and_context_pair_in_its_cell():
+    table = {("B", "orig"): 0.02, ("B", "evo"): 0.116, ("T", "orig"): 0.106, ("T", "evo"): 0.212}
+    calls = []
+
+    def accuracy(weights, context):
+        calls.append((weights, context))
+        return table[(weights, context)]
+
+    grid = decomposition_2x2(accuracy, "B", "T", "orig", "evo")
+    assert grid == {"base/original": 0.02, "base/evolved": 0.116, "trained/original": 0.106,
+                    "trained/evolved": 0.212}
+    assert sorted(calls) == sorted(table)
+    assert "| trained | 0.1060 | 0.2120 |" in format_2x2(grid)
+
+
+# -- sigmoid fit --------------------------------------------------------------------------
+@pytest.mark.parametrize("A, C_mid, B, R0", [(0.47, 300.0, 1.5, 0.1), (0.25, 80.0, 3.0, 0.02)])
+def test_sigmoid_fit_recovers_known_parameters(A, C_mid, B, R0):
+    steps = np.arange(0, 1001, 10)
+    clean = sigmoid_curve(steps, A, C_mid, B, R0)
+    fit = fit_sigmoid(steps, clean)
+    assert fit.R0 == pytest.approx(R0)
+    assert (fit.A, fit.C_mid, fit.B) == pytest.approx((A, C_mid, B), rel=1e-3)
+    noisy = clean + np.random.default_rng(0).normal(0, 0.01, steps.shape)
+    fit = fit_sigmoid(steps, noisy, r0=R0)
+    assert fit.A == pytest.approx(A, abs=0.02)
+    assert fit.C_mid == pytest.approx(C_mid, rel=0.15)
+    assert fit.B == pytest.approx(B, rel=0.25)
+    assert fit.rmse == pytest.approx(0.01, rel=0.3)
+
+
+def test_sigmoid_fit_rejects_too_few_or_bad_points():
+    with pytest.raises(ValueError, match=">= 4"):
+        fit_sigmoid([0, 1, 2], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="finite"):
+        fit_sigmoid([0, 1, 2, 3], [0.1, np.nan, 0.3, 0.4])
+
+
+# -- the hook with a stub generator -------------------------------------------------------
+@register_task("arithmetic-ood-test")
+class OodArithmetic(ArithmeticTask):
+    name = "arithmetic-ood-test"
+
+    def examples(self, split, n, seed=0):
+        return [dataclasses.replace(ex, id=f"ood-{ex.id}", prompt=f"(OOD) {ex.prompt}")
+                for ex in super().examples(split, n, seed + 1000)]
+
+
+class StubGenerator:
+    """Answers example ``i`` (in the order of its task's test split) correctly iff
+    ``i < params["skill"] + (2 if HINT in context else 0)``; sampled (temperature > 0) answers
+    only on even sample indices. Records every call."""
+
+    def __init__(self, tasks, n_examples):
+        self.index = {ex.prompt: (i, ex.answer) for t in tasks
+                      for i, ex in enumerate(t.examples("test", n_examples, seed=0))}
+        self.calls = []
+
+    def generate_text(self, params, pairs, n=1, seed=0, temperature=None, top_p=None, top_k=None,
+                      max_new_tokens=None):
+        self.calls.append((params["skill"], list(pairs), n, temperature))
+        out = []
+        for context, prompt in pairs:
+            i, answer = self.index[prompt]
+            good = i < params["skill"] + (2 if HINT in context else 0)
+            out.append([f"#### {answer}" if good and (temperature == 0 or j % 2 == 0)
+                        else "#### 99999" for j in range(n)])
+        return out
+
+
+def test_hook_scores_best_context_original_prompt_ood_and_2x2():
+    cfg = EvaluationConfig(every=5, num_examples=8, k=4, kl=False, two_by_two=True,
+                           ood_tasks=("arithmetic-ood-test",))
+    hook = EvaluationHook(cfg)
+    task = ArithmeticTask()
+    gen = StubGenerator([task, hook.ood["arithmetic-ood-test"]], 8)
+    out = hook.run(gen, {"skill": 4}, {"skill": 1}, task, [f"Be exact. {HINT}", "Be exact."],
+                   "Be exact.")
+    assert out["eval/pass@1"] == 6 / 8 and out["eval/pass@1_original"] == 4 / 8
+    assert out["eval/mean@4"] == 3 / 8 and out["eval/mean@4_original"] == 2 / 8
+    # OOD sets never see the evolved context: the hint would have added 2 correct.
+    assert out["eval/ood/arithmetic-ood-test/pass@1"] == 4 / 8
+    assert out["eval/ood/arithmetic-ood-test/mean@4"] == 2 / 8
+    assert {k: v for k, v in out.items() if k.startswith("eval/2x2/")} == {
+        "eval/2x2/base/original": 1 / 8, "eval/2x2/base/evolved": 3 / 8,
+        "eval/2x2/trained/original": 4 / 8, "eval/2x2/trained/evolved": 6 / 8}
+    ood_prompts = {ex.prompt for ex in hook.examples(hook.ood["arithmetic-ood-test"])}
+    assert all(HINT not in ctx for _, pairs, _, _ in gen.calls for ctx, p in pairs
+               if p in ood_prompts)
+    assert len(gen.calls) == 3  # sampled, greedy, base greedy
+    assert out["eval/pass@1_max"] == 6 / 8
+    assert hook.due(10) and not hook.due(11)
+
+
+def test_hook_keeps_running_maxima_across_evaluations_and_checkpoints():
+    cfg = EvaluationConfig(num_examples=8, k=2, kl=False)
+    task = ArithmeticTask()
+    hook = EvaluationHook(cfg)
+    gen = StubGenerator([task], 8)
+    hook.run(gen, {"skill": 5}, None, task, ["Be exact."], "Be exact.")
+    restored = EvaluationHook(cfg)
+    restored.load_state(hook.state())
+    out = restored.run(gen, {"skill": 2}, None, task, ["Be exact."], "Be exact.")
+    assert out["eval/pass@1"] == 2 / 8 and out["eval/pass@1_max"] == 5 / 8
+    assert out["eval/mean@2_max"] == pytest.approx(5 / 16)
+    assert len(gen.calls[-1][1]) == 8  # rl mode: the best context IS the original; no repeats
+
+
+def test_hook_kl_needs_the_sampler_and_config_rejects_unknown_ood_task():
+    task = ArithmeticTask()
+    hook = EvaluationHook(EvaluationConfig(num_examples=2, k=1, greedy=False))
+    with pytest.raises(TypeError, match="Sampler"):
+        hook.run(StubGenerator([task], 2), {"skill": 1}, {"skill": 1}, task, ["x"], "x")
+    with pytest.raises(ConfigError, match="unknown ood task"):
+        EvaluationConfig(ood_tasks=("no-such-task",))
+
+
+# -- the hook's KL on the real sampler ----------------------------------------------------
+def test_hook_kl_is_the_exact_kl_of_the_policys_own_samples():
+    tok = ByteChatTokenizer()
+    cfg = tiny("llama", vocab_size=ByteChatTokenizer.vocab_size)
+    sampler = Sampler(init_model(cfg, seed=3), tok,
+                      SamplingConfig(max_new_tokens=8, prompt_buckets=(128, 256)))
+    base = nnx.state(init_model(cfg, seed=4))
+    task = ArithmeticTask()
+    hook = EvaluationHook(EvaluationConfig(num_examples=3, k=1, greedy=False, max_new_tokens=8,
+                                           seed=5))
+    kl = hook.kl_to_base(sampler, sampler.params, base, task, "Be exact.")
+    prompts = sampler.encode([("Be exact.", ex.prompt) for ex in hook.examples(task)])
+    samples = sampler.generate(sampler.params, prompts, n=1, seed=6, temperature=1.0)
+    rows = samples_to_rows(samples)
+    assert rows.loss_mask.sum() == samples.mask.sum()
+    want, _ = numpy_kl(nnx.merge(sampler.graphdef, sampler.params),
+                       nnx.merge(sampler.graphdef, base), rows)
+    np.testing.assert_allclose(kl, want, rtol=1e-4)
+    assert hook.kl_to_base(sampler, sampler.params, sampler.params, task, "Be exact.") == \
+        pytest.approx(0.0, abs=1e-6)
+
+
+# -- plots --------------------------------------------------------------------------------
+def test_plot_metrics_writes_reward_and_kl_pngs_per_mode(tmp_path):
+    rows = [{"step": s, "mode": m, "eval/mean@4": r, "eval/kl_to_base": kl}
+            for m, scale in (("rl", 1.0), ("fst", 1.3))
+            for s, r, kl in ((0, 0.1, 0.0), (10, 0.2 * scale, 0.01), (20, 0.15, 0.02))]
+    rows.append({"step": 5, "mode": "rl", "train/loss": 0.3})  # non-eval rows are skipped
+    files = plot_metrics(rows, tmp_path / "plots")
+    assert [f.name for f in files] == ["reward_vs_step.png", "kl_vs_reward.png"]
+    assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
+    with pytest.raises(ValueError, match="mean@k"):
+        plot_metrics([{"step": 0, "train/loss": 1.0}], tmp_path)
