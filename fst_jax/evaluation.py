@@ -30,7 +30,7 @@ import fst_jax.tasks  # noqa: F401  (registers the built-in tasks the config val
 from fst_jax.config import require, require_in_registry
 from fst_jax.models.transformer import positions_from_mask
 from fst_jax.rl.batch import TrainBatch, shard_batch
-from fst_jax.sharding import BATCH_AXES
+from fst_jax.sharding import BATCH_AXES, state_shardings
 from fst_jax.tasks.base import TASKS, Example, Task, make_task, safe_reward
 
 
@@ -91,7 +91,8 @@ def make_exact_kl(graphdef: nnx.GraphDef, mesh: Mesh | None = None, chunk: int =
     token distributions given ``tokens[b, :t]`` (temperature 1) is taken; the token mean is over
     all completion tokens, the per-row value over each row's (NaN for a row without any).
     Logits are computed ``chunk`` positions at a time, so ``[B, T, V]`` is never held. With
-    ``mesh``, rows are padded to a multiple of ``data * fsdp`` and sharded over them.
+    ``mesh``, rows are padded to a multiple of ``data * fsdp`` and sharded over them, and the
+    weights placed by ``state_shardings`` (a no-op when they already are).
     """
     require(chunk >= 1, "chunk must be >= 1")
 
@@ -119,6 +120,7 @@ def make_exact_kl(graphdef: nnx.GraphDef, mesh: Mesh | None = None, chunk: int =
                            ("tokens", "positions", "mask", "loss_mask")), devices)
         if mesh is not None:
             rows = shard_batch(rows, mesh)
+            policy, base = (jax.device_put(w, state_shardings(w, mesh)) for w in (policy, base))
         sums, counts = jitted(policy, base, rows.tokens, rows.positions, rows.mask, rows.loss_mask)
         B = np.asarray(batch.tokens).shape[0]
         sums, counts = np.asarray(sums, np.float64)[:B], np.asarray(counts)[:B]
@@ -242,10 +244,10 @@ def fit_sigmoid(steps: Sequence[float], values: Sequence[float], r0: float | Non
 
     lo = [A_grid[0], np.log(c_mid_range[0]), np.log(b_range[0])]
     hi = [a_max, np.log(c_mid_range[1]), np.log(b_range[1])]
-    x0 = [A_grid[ia], np.log(Cm_grid[ic]), np.log(B_grid[ib])]
+    x0 = np.clip([A_grid[ia], np.log(Cm_grid[ic]), np.log(B_grid[ib])], lo, hi)
     best = least_squares(resid, x0, bounds=(lo, hi)).x
-    if np.sum(resid(best) ** 2) > np.sum(resid(np.asarray(x0)) ** 2):
-        best = np.asarray(x0)
+    if np.sum(resid(best) ** 2) > np.sum(resid(x0) ** 2):
+        best = x0
     rmse = float(np.sqrt(np.mean(resid(best) ** 2)))
     return SigmoidFit(float(best[0]), float(np.exp(best[1])), float(np.exp(best[2])), R0, rmse,
                       len(C))
