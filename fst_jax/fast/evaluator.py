@@ -4,7 +4,9 @@
 ``generate_text`` call: the candidate's text is the context (system prompt), the example's
 prompt the user message. Rollouts are cached by (policy step, example id, candidate text); every
 freshly scored rollout counts one metric call, cache hits count none. With
-``samples_per_example > 1`` an example's score is the mean over its samples.
+``samples_per_example > 1`` an example's score is the mean over its samples. The fresh
+completions of one call are scored together by one ``scorer.score`` call (a ``RewardPool``:
+parallel, with timeouts), serially in-process when no scorer is given.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any, Callable, Protocol, Sequence
 from fst_jax.config import require
 from fst_jax.fast.candidates import Candidate
 from fst_jax.fast.reflection import reflective_record
-from fst_jax.tasks.base import Example, Task, safe_reward
+from fst_jax.tasks.base import Example, Task
+from fst_jax.tasks.rewards import RewardConfig, RewardPool
 
 
 class TextGenerator(Protocol):
@@ -105,12 +108,17 @@ class SamplerEvaluator:
 
     ``params`` and ``policy_step`` are the current weights and their step; ``set_policy`` moves
     them and drops cache entries of other steps. ``count_tokens``/``max_context_tokens`` are
-    taken from ``generator.tokenizer`` when it offers them.
+    taken from ``generator.tokenizer`` when it offers them. ``scorer`` scores completions (a
+    ``RewardPool`` of the same task; the caller owns and closes it); None scores serially here.
     """
 
     def __init__(self, generator: TextGenerator, task: Task, config: EvalConfig = EvalConfig(),
-                 params: Any = None, policy_step: int = 0):
+                 params: Any = None, policy_step: int = 0, scorer: RewardPool | None = None):
+        if scorer is not None and getattr(scorer.task, "name", None) != getattr(task, "name", None):
+            raise ValueError(f"scorer is for task {getattr(scorer.task, 'name', None)!r}, "
+                             f"not {getattr(task, 'name', None)!r}")
         self.generator, self.task, self.config = generator, task, config
+        self.scorer = scorer if scorer is not None else RewardPool(task, RewardConfig(workers=0))
         self.params, self.policy_step = params, policy_step
         self.calls = 0  # generate_text calls so far; seeds each call
         self.cache: dict[str, dict[str, Any]] = {}
@@ -145,10 +153,12 @@ class SamplerEvaluator:
                                                        top_p=cfg.top_p, top_k=cfg.top_k)
             if len(completions) != len(pairs) or any(len(c) != n for c in completions):
                 raise ValueError(f"generator returned {len(completions)} groups for {len(pairs)} pairs (n={n})")
-            for (key, (_, ex)), outs in zip(missing.items(), completions):
-                graded = [safe_reward(self.task, ex, out) for out in outs]
+            flat_examples = [ex for _, ex in missing.values() for _ in range(n)]
+            graded = self.scorer.score(flat_examples, [out for outs in completions for out in outs])
+            for i, ((key, (_, ex)), outs) in enumerate(zip(missing.items(), completions)):
+                mine = graded[i * n:(i + 1) * n]
                 self.cache[key] = dataclasses.asdict(Rollout(ex.id, ex.prompt, list(outs),
-                                                             [s for s, _ in graded], [f for _, f in graded]))
+                                                             [s for s, _ in mine], [f for _, f in mine]))
                 fresh[key] = n
         results = []
         for context in contexts:

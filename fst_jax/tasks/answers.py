@@ -18,7 +18,7 @@ import re
 
 _TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _HASHES = re.compile(r"####[ \t]*([^\n]*)")
-_PHRASE = re.compile(r"(?:final answer|answer is|answer:)[ \t]*:?[ \t]*([^\n]*)", re.IGNORECASE)
+_PHRASE = re.compile(r"(?:final answer[ \t]*(?:is|:)?|answer is|answer:)[ \t]*:?[ \t]*([^\n]*)", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,13 +43,14 @@ def _last_boxed(text: str) -> str | None:
 
 def clean(text: str) -> str:
     """Strip whitespace, markdown emphasis/backticks and one trailing period."""
-    text = text.strip()
+    def drop_period(t: str) -> str:
+        return t[:-1].rstrip() if t.endswith(".") and not t.endswith("..") else t
+
+    text = drop_period(text.strip())
     for wrap in ("**", "`", "*"):
         while len(text) >= 2 * len(wrap) and text.startswith(wrap) and text.endswith(wrap):
             text = text[len(wrap):-len(wrap)].strip()
-    if text.endswith(".") and not text.endswith(".."):
-        text = text[:-1].rstrip()
-    return text
+    return drop_period(text)
 
 
 def extract_answer(completion: str) -> Extracted:

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import functools
 import json
+import random
 import re
 import zlib
 from typing import Any, Callable
 
 from fst_jax.config import ConfigError, require
 from fst_jax.tasks.answers import extract_answer, format_hint
+from fst_jax.tasks.verifiers import json_diff
 from fst_jax.tasks.base import DEFAULT_SEED_CONTEXT, Example, in_test_split, register_task, register_task_family
 
 # The generators named in the paper's task families (registered by name; any other works too).
@@ -40,6 +42,10 @@ ORIGINAL_PROMPT = (
 )
 _GENERATOR_DEFAULTS: dict[str, dict[str, Any]] = {"codeio": {"input_prediction_probability": 1.0}}
 _VIRTUAL_SIZE = 1_000_000
+# Generators whose items can depend on global random state (codeio: some shipped programs call
+# random.* themselves): each item is generated twice under different global seeds and dropped if
+# the answers differ, since such a problem has no single right answer.
+_CHECK_DETERMINISM = {"codeio"}
 
 
 class ReasoningGymTask:
@@ -86,7 +92,9 @@ class ReasoningGymTask:
         for idx in range(100 * n + 1000):
             if len(out) == n:
                 break
-            item = dataset[idx]
+            item = self._item(dataset, idx)
+            if item is None:
+                continue
             question = item["question"]
             if question in seen or in_test_split(question, self.test_fraction) != want_test:
                 continue
@@ -97,6 +105,20 @@ class ReasoningGymTask:
             raise ValueError(f"{self.name} gave only {len(out)} distinct {split} problems of {n} asked; "
                              f"widen the generator's options")
         return out
+
+    def _item(self, dataset, idx: int) -> dict[str, Any] | None:
+        """Item ``idx``; None when it depends on the global random state (see _CHECK_DETERMINISM)."""
+        if self.generator not in _CHECK_DETERMINISM:
+            return dataset[idx]
+        state = random.getstate()
+        try:
+            items = []
+            for global_seed in (0, 1):
+                random.seed(global_seed)
+                items.append(dataset[idx])
+        finally:
+            random.setstate(state)
+        return items[0] if items[0]["answer"] == items[1]["answer"] else None
 
     def reward(self, example: Example, completion: str) -> tuple[float, str]:
         """Binarised (or partial) generator score of the extracted answer, and feedback."""
@@ -154,27 +176,12 @@ def _knights_knaves_detail(answer: str, example: Example) -> str:
     return " ".join(parts)
 
 
-def _json_diff(got: Any, want: Any, path: str = "") -> list[str]:
-    if isinstance(got, dict) and isinstance(want, dict):
-        out = [f"missing key {path}{k!r}" for k in want if k not in got]
-        out += [f"unexpected key {path}{k!r}" for k in got if k not in want]
-        for k in want:
-            if k in got:
-                out += _json_diff(got[k], want[k], f"{path}[{k!r}]")
-        return out
-    if isinstance(got, list) and isinstance(want, list) and len(got) == len(want):
-        return [d for i, (g, w) in enumerate(zip(got, want)) for d in _json_diff(g, w, f"{path}[{i}]")]
-    if got != want:
-        return [f"{path or 'the value'}: you gave {json.dumps(got)}, expected {json.dumps(want)}"]
-    return []
-
-
 def _codeio_detail(answer: str, example: Example) -> str:
     try:
         got = json.loads(answer)
     except ValueError:
         return "The answer is not valid JSON (write the output as a JSON value)."
-    diffs = _json_diff(got, json.loads(example.answer))
+    diffs = json_diff(got, json.loads(example.answer))
     return ("Differences: " + "; ".join(diffs[:5]) + ".") if diffs else ""
 
 
