@@ -1,12 +1,12 @@
 """Scoring candidates: the adapter interface and its implementation on the sampler.
 
-``SamplerEvaluator.evaluate_many`` scores many (candidate, example) pairs with ONE
-``generate_text`` call: the candidate's text is the context (system prompt), the example's
-prompt the user message. Rollouts are cached by (policy step, example id, candidate text); every
-freshly scored rollout counts one metric call, cache hits count none. With
-``samples_per_example > 1`` an example's score is the mean over its samples. The fresh
-completions of one call are scored together by one ``scorer.score`` call (a ``RewardPool``:
-parallel, with timeouts), serially in-process when no scorer is given.
+``SamplerEvaluator.evaluate_pairs`` scores many candidates, each on its own batch of examples
+(``evaluate_many``: all on one batch), with ONE ``generate_text`` call: the candidate's text is
+the context (system prompt), the example's prompt the user message. Rollouts are cached by
+(policy step, example id, candidate text); every freshly scored rollout counts one metric call,
+cache hits count none. With ``samples_per_example > 1`` an example's score is the mean over its
+samples. The fresh completions of one call are scored together by one ``scorer.score`` call
+(a ``RewardPool``: parallel, with timeouts), serially in-process when no scorer is given.
 """
 
 from __future__ import annotations
@@ -90,6 +90,8 @@ class Adapter(Protocol):
 
     def evaluate_many(self, candidates: Sequence[Candidate], batch: Sequence[Example]) -> list[EvalResult]: ...
 
+    def evaluate_pairs(self, items: Sequence[tuple[Candidate, Sequence[Example]]]) -> list[EvalResult]: ...
+
     def make_reflective_dataset(self, candidate: Candidate, result: EvalResult, components: Sequence[str],
                                 max_output_chars: int = 2000) -> dict[str, list[dict[str, str]]]: ...
 
@@ -136,9 +138,14 @@ class SamplerEvaluator:
 
     def evaluate_many(self, candidates: Sequence[Candidate], batch: Sequence[Example]) -> list[EvalResult]:
         """Score every candidate on every example of ``batch``; one generator call for the misses."""
-        contexts = [render_context(c) for c in candidates]
+        return self.evaluate_pairs([(c, batch) for c in candidates])
+
+    def evaluate_pairs(self, items: Sequence[tuple[Candidate, Sequence[Example]]]) -> list[EvalResult]:
+        """Score each (candidate, batch) item, one result per item in order; one generator call
+        for the misses of all items. A rollout shared by items is charged to the first."""
+        scored = [(render_context(c), list(batch)) for c, batch in items]
         missing: dict[str, tuple[str, Example]] = {}
-        for context in contexts:
+        for context, batch in scored:
             for ex in batch:
                 key = self._key(context, ex.id)
                 if key not in self.cache:
@@ -161,7 +168,7 @@ class SamplerEvaluator:
                                                              [s for s, _ in mine], [f for _, f in mine]))
                 fresh[key] = n
         results = []
-        for context in contexts:
+        for context, batch in scored:
             keys = [self._key(context, ex.id) for ex in batch]
             rollouts = [Rollout(**self.cache[k]) for k in keys]
             calls = sum(fresh.pop(k, 0) for k in keys)  # a duplicate pair is charged once
