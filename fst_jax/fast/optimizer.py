@@ -22,9 +22,9 @@ from typing import Any, Callable, Sequence
 
 from fst_jax.config import require, require_in_registry
 from fst_jax.fast.candidates import Budget, Candidate, Member, Population
-from fst_jax.fast.evaluator import Adapter, EvalConfig, SamplerEvaluator, TextGenerator
-from fst_jax.fast.reflection import (ReflectionConfig, ReflectionError, Reply, estimate_tokens,
-                                     make_reflection_lm, parse_proposal, render_meta_prompt)
+from fst_jax.fast.evaluator import Adapter, EvalConfig, EvalResult, SamplerEvaluator, TextGenerator
+from fst_jax.fast.reflection import (ReflectionConfig, ReflectionError, ReflectionLM, estimate_tokens,
+                                     make_reflection_lm, parse_proposal, reflect_batch, render_meta_prompt)
 from fst_jax.fast.strategies import (ACCEPTANCE, SELECTORS, EpochShuffledSampler, Progress, StopLimits,
                                      stop_reason, top_k)
 from fst_jax.tasks.base import Example, Task, by_id
@@ -36,7 +36,10 @@ log = logging.getLogger(__name__)
 class GEPAConfig:
     """One GEPA round. ``max_*`` limits (None = off) stop the round; the first reached wins.
     ``component`` None mutates the candidate's components in turn. A proposal is skipped
-    when ``skip_perfect`` and every parent minibatch score is >= ``perfect_score``."""
+    when ``skip_perfect`` and every parent minibatch score is >= ``perfect_score``.
+    ``parallel_proposals`` (P) proposals are made together in one step (see ``GEPAOptimizer``);
+    the stop conditions are checked between steps, so a step may pass ``max_metric_calls`` by up
+    to P proposals' rollouts (``max_proposals`` is never passed)."""
 
     selector: str = "pareto"
     epsilon: float = 0.1
@@ -50,6 +53,7 @@ class GEPAConfig:
     max_no_improvement: int | None = None
     top_k: int = 4
     component: str | None = None
+    parallel_proposals: int = 1
     seed: int = 0
     reflection: ReflectionConfig = dataclasses.field(default_factory=ReflectionConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
@@ -59,6 +63,7 @@ class GEPAConfig:
         require_in_registry(self.acceptance, ACCEPTANCE, "acceptance rule")
         require(0.0 <= self.epsilon <= 1.0, "epsilon must be in [0, 1]")
         require(self.minibatch_size >= 1 and self.top_k >= 1, "minibatch_size and top_k must be >= 1")
+        require(self.parallel_proposals >= 1, "parallel_proposals must be >= 1")
         for name in ("max_metric_calls", "max_proposals", "max_seconds", "max_no_improvement"):
             value = getattr(self, name)
             require(value is None or value > 0, f"{name} must be > 0 or null")
@@ -67,16 +72,50 @@ class GEPAConfig:
         return StopLimits(self.max_metric_calls, self.max_proposals, self.max_seconds, self.max_no_improvement)
 
 
+@dataclasses.dataclass
+class _Draft:
+    """One proposal in flight within a step."""
+
+    index: int
+    parent: Member
+    batch: list[Example]
+    record: dict[str, Any]
+    parent_eval: EvalResult | None = None
+    calls: int = 0
+    component: str = ""
+    prompt: str = ""
+    child: Candidate | None = None
+    child_scores: list[float] | None = None
+    outcome: str = ""
+
+
 class GEPAOptimizer:
     """Runs GEPA over ``anchor`` with an evaluator (an ``Adapter``) and a reflection LM.
 
-    Call ``start(seeds)`` once (or ``load_state_dict``), then ``step()`` per proposal or ``run()``.
-    Every proposal is one entry of ``history`` (outcome "accepted", "rejected" or "skipped:<reason>",
+    Call ``start(seeds)`` once (or ``load_state_dict``), then ``step()`` or ``run()``. Every
+    proposal is one entry of ``history`` (outcome "accepted", "rejected" or "skipped:<reason>",
     reason one of perfect, reflection_error, malformed, empty, unchanged, overlong, duplicate).
+
+    A step makes P = ``config.parallel_proposals`` proposals together, in this order:
+
+    1. P parents and P minibatches are drawn in proposal order (seeded selector RNG, epoch-shuffled
+       minibatches) from the population as it was at the start of the step;
+    2. every parent is scored on its minibatch with traces: ONE ``evaluate_pairs`` call;
+    3. perfect parents are skipped; the others' meta-prompts go to the reflection LM in ONE
+       ``reflect_batch`` call (the policy samples them together; HTTP requests run concurrently);
+       replies are parsed; a child equal to a population member is skipped as a duplicate;
+    4. every child is scored on its parent's minibatch: ONE ``evaluate_pairs`` call;
+    5. acceptance in proposal order: a child equal to one accepted earlier in the step is
+       skipped as a duplicate (its minibatch rollouts still count), else the acceptance rule
+       decides; the accepted children are scored on the whole anchor set in ONE
+       ``evaluate_many`` call and join the population in proposal order.
+
+    With P = 1 this is sequential GEPA. Metric calls count every scored rollout; each
+    proposal's record carries the cumulative count after it, in proposal order.
     """
 
     def __init__(self, config: GEPAConfig, evaluator: Adapter,
-                 reflection_lm: Callable[[str, int], Reply], anchor: Sequence[Example]):
+                 reflection_lm: ReflectionLM, anchor: Sequence[Example]):
         self.config, self.evaluator, self.reflection_lm = config, evaluator, reflection_lm
         self.anchor = list(anchor)
         self.by_id = by_id(self.anchor)
@@ -113,76 +152,116 @@ class GEPAOptimizer:
         self.seconds += time.monotonic() - t0
         return self.population
 
-    # ------------------------------------------------------------ one proposal
+    # ------------------------------------------------------------ one step of proposals
 
     def _limit(self) -> int | None:
         return self.config.reflection.max_context_tokens or self.evaluator.max_context_tokens
 
-    def step(self) -> dict[str, Any]:
-        """One reflective-mutation proposal; returns (and appends to history) its record."""
+    def step(self) -> list[dict[str, Any]]:
+        """One step: ``config.parallel_proposals`` reflective-mutation proposals made together
+        (fewer when ``max_proposals`` is nearer). Returns their records (also appended to
+        ``history``) in proposal order; see the class docstring for the order of work."""
         t0 = time.monotonic()
         cfg, pop, budget = self.config, self.population, self.budget
-        index = budget.proposals
-        budget.proposals += 1
-        parent_id = SELECTORS[cfg.selector](pop, self.rng, cfg.epsilon)
-        parent = pop.members[parent_id]
-        batch = [self.by_id[i] for i in self.minibatches.next_batch()]
-        record: dict[str, Any] = {"proposal": index, "parent": parent_id, "batch": [e.id for e in batch]}
-        parent_eval = self.evaluator.evaluate(parent.components, batch, capture_traces=True)
-        budget.metric_calls += parent_eval.metric_calls
-        record["parent_scores"] = parent_eval.scores
-        outcome = self._propose(index, parent, parent_eval, batch, record)
-        record["outcome"] = outcome
-        if outcome.startswith("skipped:"):
-            budget.skip(outcome.split(":", 1)[1])
-        best = max(pop.aggregate())
-        self.since_improvement = 0 if best > self.best else self.since_improvement + 1
-        self.best = max(best, self.best)
-        record.update(metric_calls=budget.metric_calls, best=self.best)
-        self.history.append(record)
-        self.seconds += time.monotonic() - t0
-        log.info("GEPA proposal %d: parent %d -> %s (budget %s)", index, parent_id, outcome, budget.metric_calls)
-        return record
+        count = cfg.parallel_proposals
+        if cfg.max_proposals is not None:
+            count = max(1, min(count, cfg.max_proposals - budget.proposals))
+        drafts = []
+        for index in range(budget.proposals, budget.proposals + count):
+            parent_id = SELECTORS[cfg.selector](pop, self.rng, cfg.epsilon)
+            batch = [self.by_id[i] for i in self.minibatches.next_batch()]
+            record = {"proposal": index, "parent": parent_id, "batch": [e.id for e in batch]}
+            drafts.append(_Draft(index, pop.members[parent_id], batch, record))
+        budget.proposals += count
+        parent_evals = self.evaluator.evaluate_pairs([(d.parent.components, d.batch) for d in drafts])
+        for d, result in zip(drafts, parent_evals, strict=True):
+            d.parent_eval, d.calls = result, result.metric_calls
+            d.record["parent_scores"] = result.scores
+        self._reflect(drafts)
+        scoring = [d for d in drafts if d.child is not None]
+        for d, result in zip(scoring, self.evaluator.evaluate_pairs([(d.child, d.batch) for d in scoring]), strict=True):
+            d.calls += result.metric_calls
+            d.record["child_scores"] = d.child_scores = result.scores
+        accepted: list[_Draft] = []
+        for d in scoring:
+            if any(a.child == d.child for a in accepted):
+                d.outcome = "skipped:duplicate"
+            elif not ACCEPTANCE[cfg.acceptance](d.parent_eval.scores, d.child_scores):
+                budget.rejected += 1
+                d.outcome = "rejected"
+            else:
+                accepted.append(d)
+        full = self.evaluator.evaluate_many([d.child for d in accepted], self.anchor) if accepted else []
+        for d, result in zip(accepted, full, strict=True):
+            d.calls += result.metric_calls
+            member = pop.add(d.child, result.scores, origin="reflection", parents=[d.parent.id],
+                             born_step=self.evaluator.policy_step, proposal=d.index)
+            budget.accepted += 1
+            d.record["child"], d.outcome = member.id, "accepted"
+        return self._finish(drafts, time.monotonic() - t0)
 
-    def _propose(self, index: int, parent: Member, parent_eval, batch: list[Example], record: dict) -> str:
+    def _reflect(self, drafts: list["_Draft"]) -> None:
+        """Skip perfect parents, ask the reflection LM about the rest in one batch, parse the
+        replies; sets each draft's ``child`` or its skip ``outcome``."""
         cfg, budget = self.config, self.budget
-        if cfg.skip_perfect and all(s >= cfg.perfect_score for s in parent_eval.scores):
-            return "skipped:perfect"
-        names = list(parent.components)
-        component = cfg.component or names[index % len(names)]
-        records = self.evaluator.make_reflective_dataset(parent.components, parent_eval, [component],
-                                                         cfg.reflection.max_output_chars)[component]
-        prompt = render_meta_prompt(cfg.reflection.template, parent.components[component], records)
-        budget.reflection_calls += 1
-        try:
-            reply = self.reflection_lm(prompt, (cfg.seed * 1_000_003 + index) % 2**31)
-        except ReflectionError as e:
-            budget.reflection_failures += 1
-            log.warning("GEPA proposal %d: reflection failed, skipped: %s", index, e)
-            return "skipped:reflection_error"
-        budget.reflection_tokens += reply.tokens
-        text, status = parse_proposal(reply.text, parent.components[component], max_tokens=self._limit(),
-                                      count=self.evaluator.count_tokens or estimate_tokens,
-                                      overlong=cfg.reflection.overlong)
-        record["parse"] = status
-        if text is None:
-            return f"skipped:{status}"
-        child = {**parent.components, component: text}
-        if any(m.components == child for m in self.population.members):
-            return "skipped:duplicate"
-        child_eval = self.evaluator.evaluate(child, batch)
-        budget.metric_calls += child_eval.metric_calls
-        record["child_scores"] = child_eval.scores
-        if not ACCEPTANCE[cfg.acceptance](parent_eval.scores, child_eval.scores):
-            budget.rejected += 1
-            return "rejected"
-        full = self.evaluator.evaluate(child, self.anchor)
-        budget.metric_calls += full.metric_calls
-        member = self.population.add(child, full.scores, origin="reflection", parents=[parent.id],
-                                     born_step=self.evaluator.policy_step, proposal=index)
-        budget.accepted += 1
-        record["child"] = member.id
-        return "accepted"
+        asking = []
+        for d in drafts:
+            if cfg.skip_perfect and all(s >= cfg.perfect_score for s in d.parent_eval.scores):
+                d.outcome = "skipped:perfect"
+                continue
+            names = list(d.parent.components)
+            d.component = cfg.component or names[d.index % len(names)]
+            records = self.evaluator.make_reflective_dataset(d.parent.components, d.parent_eval, [d.component],
+                                                             cfg.reflection.max_output_chars)[d.component]
+            d.prompt = render_meta_prompt(cfg.reflection.template, d.parent.components[d.component], records)
+            asking.append(d)
+        budget.reflection_calls += len(asking)
+        seeds = [(cfg.seed * 1_000_003 + d.index) % 2**31 for d in asking]
+        replies = reflect_batch(self.reflection_lm, [d.prompt for d in asking], seeds) if asking else []
+        for d, reply in zip(asking, replies, strict=True):
+            if isinstance(reply, ReflectionError):
+                budget.reflection_failures += 1
+                log.warning("GEPA proposal %d: reflection failed, skipped: %s", d.index, reply)
+                d.outcome = "skipped:reflection_error"
+                continue
+            budget.reflection_tokens += reply.tokens
+            current = d.parent.components[d.component]
+            text, status = parse_proposal(reply.text, current, max_tokens=self._limit(),
+                                          count=self.evaluator.count_tokens or estimate_tokens,
+                                          overlong=cfg.reflection.overlong)
+            d.record["parse"] = status
+            if text is None:
+                d.outcome = f"skipped:{status}"
+                continue
+            child = {**d.parent.components, d.component: text}
+            if any(m.components == child for m in self.population.members):
+                d.outcome = "skipped:duplicate"
+                continue
+            d.child = child
+
+    def _finish(self, drafts: list["_Draft"], seconds: float) -> list[dict[str, Any]]:
+        """Book the step's proposals in order: outcome, skip reasons, cumulative metric calls and
+        the best aggregate score as of each proposal (members added by later proposals of the
+        step do not count toward an earlier proposal's ``best``)."""
+        budget, pop = self.budget, self.population
+        aggregate = pop.aggregate()
+        visible = len(pop.members) - sum(d.outcome == "accepted" for d in drafts)
+        for d in drafts:
+            record = d.record
+            record["outcome"] = d.outcome
+            if d.outcome.startswith("skipped:"):
+                budget.skip(d.outcome.split(":", 1)[1])
+            visible += d.outcome == "accepted"
+            budget.metric_calls += d.calls
+            best = max(aggregate[:visible])
+            self.since_improvement = 0 if best > self.best else self.since_improvement + 1
+            self.best = max(best, self.best)
+            record.update(metric_calls=budget.metric_calls, best=self.best)
+            self.history.append(record)
+            log.info("GEPA proposal %d: parent %d -> %s (budget %s)", d.index, d.parent.id, d.outcome,
+                     budget.metric_calls)
+        self.seconds += seconds
+        return [d.record for d in drafts]
 
     # ------------------------------------------------------------ loop and results
 
@@ -191,8 +270,8 @@ class GEPAOptimizer:
         return stop_reason(self.config.limits(), progress)
 
     def run(self, state_path: str | Path | None = None) -> str:
-        """Propose until a stop condition holds; saves the state after each proposal when
-        ``state_path`` is given. Returns the stop reason."""
+        """Step until a stop condition holds; saves the state after each step when ``state_path``
+        is given. Returns the stop reason."""
         while (reason := self.stop_reason()) is None:
             self.step()
             if state_path is not None:
@@ -262,7 +341,7 @@ class RoundResult:
 
 def run_gepa_round(generator: TextGenerator, params: Any, task: Task, anchor: Sequence[Example],
                    seeds: Sequence[Candidate | Member], config: GEPAConfig = GEPAConfig(), *,
-                   policy_step: int = 0, reflection_lm: Callable[[str, int], Reply] | None = None,
+                   policy_step: int = 0, reflection_lm: ReflectionLM | None = None,
                    reflection_fn: Callable[[str], str] | None = None,
                    state_path: str | Path | None = None) -> RoundResult:
     """One GEPA round against frozen ``params`` at ``policy_step``.
@@ -271,7 +350,7 @@ def run_gepa_round(generator: TextGenerator, params: Any, task: Task, anchor: Se
     The reflection LM is ``reflection_lm`` if given, else built from ``config.reflection``
     (``reflection_fn`` feeds the "callable" backend; "policy" uses ``generator`` with ``params``).
     With ``state_path``, an existing state file is resumed and the state is saved after
-    every proposal.
+    every step (of ``config.parallel_proposals`` proposals).
     """
     evaluator = SamplerEvaluator(generator, task, config.eval, params, policy_step)
     if reflection_lm is None:

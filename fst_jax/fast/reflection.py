@@ -7,10 +7,16 @@ A reflection LM is any callable ``lm(prompt, seed) -> Reply``. Backends are buil
 cache keyed by the prompt's hash. A backend failure raises ``ReflectionError``, which the
 optimizer counts and skips; a replay miss raises ``ReplayMissError``, which is a setup error and
 propagates.
+
+Several prompts at once (parallel GEPA proposals): ``reflect_batch(lm, prompts, seeds)``. The
+built-in backends are ``BatchedLM``s: "policy" samples all prompts in ONE ``generate_text`` call,
+"openai" sends the requests concurrently from a thread pool, "callable" calls in order; any other
+callable is called in order.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
@@ -78,8 +84,9 @@ class ReflectionConfig:
     ``template`` needs ``{current_text}`` and ``{examples}``. ``max_context_tokens`` caps a new
     text (None: the generator's context limit when it has one); ``overlong`` says whether a longer
     one is truncated or rejected. ``max_output_chars`` clips each generated output shown to the
-    reflection LM. HTTP fields apply to "openai"; ``temperature``/``top_p``/``top_k`` to "policy"
-    (temperature and ``max_tokens`` also to "openai").
+    reflection LM. HTTP fields apply to "openai" (``max_concurrency``: requests in flight at once
+    in a batch); ``temperature``/``top_p``/``top_k`` to "policy" (temperature and ``max_tokens``
+    also to "openai").
     """
 
     backend: str = "policy"
@@ -97,6 +104,7 @@ class ReflectionConfig:
     api_key_env: str | None = "OPENAI_API_KEY"
     timeout_s: float = 60.0
     retries: int = 3
+    max_concurrency: int = 8
     backoff_s: float = 1.0
     cache_mode: Literal["off", "record", "replay"] = "off"
     cache_path: str | None = None
@@ -109,6 +117,7 @@ class ReflectionConfig:
         require(self.max_output_chars > 0, "max_output_chars must be > 0")
         require(self.timeout_s > 0 and self.retries >= 0 and self.backoff_s >= 0,
                 "timeout_s > 0, retries >= 0, backoff_s >= 0")
+        require(self.max_concurrency >= 1, "max_concurrency must be >= 1")
         require(self.cache_mode == "off" or self.cache_path is not None,
                 "cache_path is needed when cache_mode is record or replay")
 
@@ -198,7 +207,49 @@ def parse_proposal(reply: str, current_text: str, *, max_tokens: int | None,
 
 # ---------------------------------------------------------------- backends
 
-REFLECTION_BACKENDS: dict[str, Callable[..., Callable[[str, int], Reply]]] = {}
+ReflectionLM = Callable[[str, int], Reply]
+Outcome = Reply | ReflectionError
+
+
+class BatchedLM:
+    """A reflection LM that also answers many prompts at once.
+
+    ``batch(prompts, seeds)`` returns one ``Reply`` or ``ReflectionError`` per prompt, in order
+    (a failure of one prompt does not lose the others' replies); ``lm(prompt, seed)`` is a batch
+    of one that raises its error.
+    """
+
+    def __init__(self, batch: Callable[[list[str], list[int]], list[Outcome]]):
+        self._batch = batch
+
+    def batch(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Outcome]:
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        return self._batch(list(prompts), list(seeds)) if prompts else []
+
+    def __call__(self, prompt: str, seed: int) -> Reply:
+        [out] = self.batch([prompt], [seed])
+        if isinstance(out, ReflectionError):
+            raise out
+        return out
+
+
+def reflect_batch(lm: ReflectionLM, prompts: Sequence[str], seeds: Sequence[int]) -> list[Outcome]:
+    """One ``Reply`` or ``ReflectionError`` per prompt: ``lm.batch`` when ``lm`` has it, else
+    ``lm`` called on each prompt in order. Other exceptions (``ReplayMissError``) propagate."""
+    batch = getattr(lm, "batch", None)
+    if batch is not None:
+        return batch(prompts, seeds)
+    out: list[Outcome] = []
+    for prompt, seed in zip(prompts, seeds, strict=True):
+        try:
+            out.append(lm(prompt, seed))
+        except ReflectionError as e:
+            out.append(e)
+    return out
+
+
+REFLECTION_BACKENDS: dict[str, Callable[..., ReflectionLM]] = {}
 
 
 # Decorator registering a backend factory ``(config, **deps) -> lm(prompt, seed) -> Reply``.
@@ -207,47 +258,58 @@ register_backend = functools.partial(register, REFLECTION_BACKENDS)
 
 @register_backend("policy")
 def policy_backend(cfg: ReflectionConfig, *, generator: Any, params_fn: Callable[[], Any],
-                   count_tokens: Callable[[str], int] | None = None, **_: Any):
-    """The policy reflects: the meta-prompt is the user message under ``cfg.policy_context``;
-    replies are at most ``cfg.max_tokens`` new tokens."""
+                   count_tokens: Callable[[str], int] | None = None, **_: Any) -> BatchedLM:
+    """The policy reflects: each meta-prompt is a user message under ``cfg.policy_context``;
+    replies are at most ``cfg.max_tokens`` new tokens. A batch is ONE ``generate_text`` call
+    seeded with the first prompt's seed (rows draw from their own keys); if it fails, every
+    prompt of the batch fails."""
     count = count_tokens or estimate_tokens
 
-    def lm(prompt: str, seed: int) -> Reply:
+    def batch(prompts: list[str], seeds: list[int]) -> list[Outcome]:
         try:
-            out = generator.generate_text(params_fn(), [(cfg.policy_context, prompt)], n=1, seed=seed,
-                                          temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                                          max_new_tokens=cfg.max_tokens)
-            text = out[0][0]
+            out = generator.generate_text(params_fn(), [(cfg.policy_context, p) for p in prompts], n=1,
+                                          seed=seeds[0], temperature=cfg.temperature, top_p=cfg.top_p,
+                                          top_k=cfg.top_k, max_new_tokens=cfg.max_tokens)
+            texts = [group[0] for group in out]
+            if len(texts) != len(prompts):
+                raise ValueError(f"generator returned {len(texts)} replies for {len(prompts)} prompts")
         except Exception as e:
-            raise ReflectionError(f"policy reflection failed: {type(e).__name__}: {e}") from e
-        return Reply(text, count(prompt) + count(text))
+            error = ReflectionError(f"policy reflection failed: {type(e).__name__}: {e}")
+            error.__cause__ = e
+            return [error] * len(prompts)
+        return [Reply(text, count(p) + count(text)) for p, text in zip(prompts, texts)]
 
-    return lm
+    return BatchedLM(batch)
 
 
 @register_backend("callable")
-def callable_backend(cfg: ReflectionConfig, *, fn: Callable[[str], str], **_: Any):
-    """Any function ``fn(prompt) -> reply text``; its exceptions become ReflectionError."""
+def callable_backend(cfg: ReflectionConfig, *, fn: Callable[[str], str], **_: Any) -> BatchedLM:
+    """Any function ``fn(prompt) -> reply text``, called on a batch's prompts in order; its
+    exceptions become ReflectionError."""
 
-    def lm(prompt: str, seed: int) -> Reply:
+    def one(prompt: str) -> Outcome:
         try:
             text = fn(prompt)
         except Exception as e:
-            raise ReflectionError(f"reflection callable raised {type(e).__name__}: {e}") from e
+            error = ReflectionError(f"reflection callable raised {type(e).__name__}: {e}")
+            error.__cause__ = e
+            return error
         if not isinstance(text, str):
-            raise ReflectionError(f"reflection callable returned {type(text).__name__}, not str")
+            return ReflectionError(f"reflection callable returned {type(text).__name__}, not str")
         return Reply(text, estimate_tokens(prompt) + estimate_tokens(text))
 
-    return lm
+    return BatchedLM(lambda prompts, seeds: [one(p) for p in prompts])
 
 
 @register_backend("openai")
-def openai_backend(cfg: ReflectionConfig, **_: Any):
+def openai_backend(cfg: ReflectionConfig, **_: Any) -> BatchedLM:
     """POST to an OpenAI-compatible chat completions URL with timeouts and exponential backoff.
 
     The API key, if any, is read from the environment variable ``cfg.api_key_env`` at call time.
     After ``1 + cfg.retries`` failed attempts (network error, timeout, non-2xx status, a reply
-    without ``choices[0].message.content``) it raises ReflectionError.
+    without ``choices[0].message.content``) a prompt fails with ReflectionError. A batch sends
+    its requests concurrently, at most ``cfg.max_concurrency`` at a time; replies keep the
+    prompts' order.
     """
 
     def attempt(prompt: str, seed: int) -> Reply:
@@ -269,7 +331,7 @@ def openai_backend(cfg: ReflectionConfig, **_: Any):
             tokens = estimate_tokens(prompt) + estimate_tokens(text)
         return Reply(text, tokens)
 
-    def lm(prompt: str, seed: int) -> Reply:
+    def one(prompt: str, seed: int) -> Outcome:
         error: Exception | None = None
         for n in range(cfg.retries + 1):
             if n:
@@ -281,9 +343,16 @@ def openai_backend(cfg: ReflectionConfig, **_: Any):
                 error = e
                 log.warning("reflection endpoint attempt %d/%d failed: %s: %s",
                             n + 1, cfg.retries + 1, type(e).__name__, e)
-        raise ReflectionError(f"reflection endpoint failed after {cfg.retries + 1} attempts: {error}")
+        return ReflectionError(f"reflection endpoint failed after {cfg.retries + 1} attempts: {error}")
 
-    return lm
+    def batch(prompts: list[str], seeds: list[int]) -> list[Outcome]:
+        if len(prompts) == 1:
+            return [one(prompts[0], seeds[0])]
+        workers = min(cfg.max_concurrency, len(prompts))
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="reflection") as pool:
+            return list(pool.map(one, prompts, seeds))
+
+    return BatchedLM(batch)
 
 
 class ReplayCache:
@@ -293,7 +362,7 @@ class ReplayCache:
     ``path`` and raises ReplayMissError for an unknown prompt.
     """
 
-    def __init__(self, path: str | Path, mode: str, inner: Callable[[str, int], Reply] | None = None):
+    def __init__(self, path: str | Path, mode: str, inner: ReflectionLM | None = None):
         if mode not in ("record", "replay") or (mode == "record" and inner is None):
             raise ValueError("mode must be 'record' (with an inner LM) or 'replay'")
         self.path, self.mode, self.inner = Path(path), mode, inner
@@ -306,21 +375,33 @@ class ReplayCache:
         return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
 
     def __call__(self, prompt: str, seed: int) -> Reply:
-        key = self.key(prompt)
+        [out] = self.batch([prompt], [seed])
+        if isinstance(out, ReflectionError):
+            raise out
+        return out
+
+    def batch(self, prompts: Sequence[str], seeds: Sequence[int]) -> list[Outcome]:
+        """Replay looks every prompt up (a miss raises); record asks ``inner`` for the whole
+        batch (``reflect_batch``), stores the replies and writes the file once."""
+        keys = [self.key(p) for p in prompts]
         if self.mode == "replay":
-            if key not in self.entries:
-                raise ReplayMissError(f"no recorded reflection reply for prompt hash {key[:16]}... in "
-                                      f"{self.path}; record it first with cache_mode='record'")
-            return Reply(**self.entries[key])
-        reply = self.inner(prompt, seed)
-        self.entries[key] = dataclasses.asdict(reply)
+            for key in keys:
+                if key not in self.entries:
+                    raise ReplayMissError(f"no recorded reflection reply for prompt hash {key[:16]}... in "
+                                          f"{self.path}; record it first with cache_mode='record'")
+            return [Reply(**self.entries[key]) for key in keys]
+        outs = reflect_batch(self.inner, prompts, seeds)
+        replies = {key: dataclasses.asdict(out) for key, out in zip(keys, outs) if isinstance(out, Reply)}
+        if not replies:
+            return outs
+        self.entries.update(replies)
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         tmp.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
         os.replace(tmp, self.path)
-        return reply
+        return outs
 
 
-def make_reflection_lm(cfg: ReflectionConfig, **deps: Any) -> Callable[[str, int], Reply]:
+def make_reflection_lm(cfg: ReflectionConfig, **deps: Any) -> ReflectionLM:
     """Build ``cfg.backend`` with ``deps`` (generator/params_fn for "policy", fn for "callable"),
     wrapped in a ReplayCache when ``cfg.cache_mode`` is not "off" (replay needs no backend deps)."""
     if cfg.cache_mode == "replay":

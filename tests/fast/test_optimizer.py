@@ -74,7 +74,8 @@ def step_once(reply, seed=SEED, **kw):
     cfg = config(**kw)
     opt = GEPAOptimizer(cfg, evaluator, make_reflection_lm(cfg.reflection, fn=lambda p: reply), ANCHOR)
     opt.start([seed])
-    return opt, opt.step()
+    [record] = opt.step()
+    return opt, record
 
 
 def test_perfect_parent_minibatch_is_skipped_without_reflection():
