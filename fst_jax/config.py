@@ -133,10 +133,18 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         kwargs[name] = _coerce(value, hints[name], prefix + name)
     try:
         return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
-    except TypeError as e:
-        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {e}") from None
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(_locate(str(e), prefix, cls, fields)) from None
+
+
+def _locate(message: str, prefix: str, cls: type, fields: Mapping[str, Any]) -> str:
+    """A validation message with its full dotted key: a message that starts with a field name
+    (the ``require`` convention) gets ``prefix`` joined to it; any other one is put after the
+    config's own dotted key (or class name at top level)."""
+    first = message.split(" ", 1)[0]
+    if first in fields:
+        return prefix + message
+    return f"{prefix.rstrip('.') or cls.__name__}: {message}"
 
 
 def to_dict(config: Any) -> dict[str, Any]:

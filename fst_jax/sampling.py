@@ -4,11 +4,16 @@ Contexts (the fast weights) are data: every prompt row is left-padded to a lengt
 new context text, or a mix of contexts in one batch, reuses the compiled programs as long as the
 lengths stay inside the bucket. Temperature, top-p and top-k are traced per-row arrays.
 
-Group sampling: ``generate(prompts, n)`` prefills each of the ``P`` unique prompts once and keeps
-its keys/values once; the ``P * n`` sampling rows (row ``r`` samples prompt ``r // n``) attend to
-that shared prefix cache plus their own suffix cache. Each row draws from its own key,
-``fold_in(fold_in(seed, prompt_index * n + sample_index), step)``, so results do not depend on
-the batch they were computed in.
+Two-level prefix sharing: ``generate(prompts, n)`` splits each prompt row into its context
+(``context_lengths``) and its task. Each distinct context is prefilled once and its keys/values
+kept once; each (context, task) prompt is prefilled once against its context's cache and kept
+once; the ``n`` samples of a prompt attend to both shared caches plus their own suffix cache. So
+an RL batch of K contexts x m problems, or GEPA scoring one candidate over many problems, reads
+each context's keys/values once per decode step instead of once per row. The compiled programs
+depend on the length buckets, ``n``, ``max_new_tokens``, and the number of distinct contexts and
+the most prompts sharing one (both rounded up to powers of two), never on the texts. Each row
+draws from its own key, ``fold_in(fold_in(seed, prompt_index * n + sample_index), step)``, so
+results do not depend on the batch they were computed in.
 
 Returned log-probs are those of the sampled tokens under the temperature-scaled, unfiltered
 model distribution ``log_softmax(logits / T)`` (``T = 1`` for greedy rows).
@@ -17,6 +22,7 @@ model distribution ``log_softmax(logits / T)`` (``T = 1`` for greedy rows).
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import functools
 from typing import Sequence
@@ -29,7 +35,8 @@ from jax.sharding import Mesh
 
 from fst_jax.config import require
 from fst_jax.models.tokenizer import PromptTokenizer
-from fst_jax.models.transformer import KV, Transformer, positions_from_mask
+from fst_jax.models.transformer import KV, SharedKV, Transformer, positions_from_mask
+from fst_jax.padding import bucket, pad_rows
 from fst_jax.sharding import BATCH_AXES, batch_sharding, replicated, shard_state
 
 
@@ -100,12 +107,58 @@ class Samples:
         return np.arange(self.tokens.shape[0]) // self.n
 
 
-def bucket_length(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket >= ``length``; ValueError if none."""
-    for b in buckets:
-        if length <= b:
-            return b
-    raise ValueError(f"prompt of {length} tokens exceeds the largest bucket {buckets[-1]}")
+@dataclasses.dataclass(frozen=True)
+class SharePlan:
+    """Host layout of a ``PromptBatch`` for two-level sharing: ``C`` context slots of ``m``
+    prompt slots each (both powers of two; spare slots repeat a real prompt and are dropped).
+
+    ctx_tokens/ctx_mask ``[C, Lc]`` (left-padded contexts); task_tokens/task_mask ``[C*m, Lt]``
+    (left-padded tasks, slot ``s`` in context slot ``s // m``); task_start ``[C*m]`` (position of
+    the slot's first task token = its context length); prompt_of_slot ``[C*m]``;
+    slot_of_prompt ``[P]``.
+    """
+
+    ctx_tokens: np.ndarray
+    ctx_mask: np.ndarray
+    task_tokens: np.ndarray
+    task_mask: np.ndarray
+    task_start: np.ndarray
+    prompt_of_slot: np.ndarray
+    slot_of_prompt: np.ndarray
+
+    @property
+    def num_slots(self) -> int:
+        return self.task_tokens.shape[0]
+
+
+def share_plan(prompts: PromptBatch, buckets: Sequence[int], pad_id: int) -> SharePlan:
+    """Group ``prompts`` by identical context tokens (first appearance order); contexts and tasks
+    are padded to ``buckets`` lengths. A prompt keeps at least one task token (the last)."""
+    rows = [prompts.tokens[i][prompts.mask[i]] for i in range(prompts.num_prompts)]
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token")
+    splits = [min(int(c), len(r) - 1) for c, r in zip(prompts.context_lengths, rows)]
+    ids: dict[bytes, int] = {}
+    ctx_of = [ids.setdefault(r[:c].tobytes(), len(ids)) for r, c in zip(rows, splits)]
+    groups: list[list[int]] = [[] for _ in ids]
+    for p, c in enumerate(ctx_of):
+        groups[c].append(p)
+    pow2 = lambda x: 1 << (x - 1).bit_length()  # noqa: E731
+    C, m = pow2(len(groups)), pow2(max(map(len, groups)))
+    groups += [groups[0]] * (C - len(groups))
+    prompt_of_slot = np.asarray([g[j % len(g)] for g in groups for j in range(m)], np.int32)
+    slot_of_prompt = np.zeros(len(rows), np.int32)
+    for c, g in enumerate(groups[:len(ids)]):
+        slot_of_prompt[g] = c * m + np.arange(len(g))
+    ctx_rows = [rows[g[0]][:splits[g[0]]] for g in groups]
+    ctx_tokens, ctx_mask = pad_rows(ctx_rows, bucket(max(1, max(map(len, ctx_rows))), buckets),
+                                    pad_id, left=True)
+    task_rows = [rows[p][splits[p]:] for p in prompt_of_slot]
+    task_tokens, task_mask = pad_rows(task_rows, bucket(max(map(len, task_rows)), buckets),
+                                      pad_id, left=True)
+    return SharePlan(ctx_tokens, ctx_mask, task_tokens, task_mask,
+                     np.asarray([splits[p] for p in prompt_of_slot], np.int32), prompt_of_slot,
+                     slot_of_prompt)
 
 
 def filter_logits(logits: jax.Array, top_p: jax.Array, top_k: jax.Array) -> jax.Array:
@@ -176,6 +229,10 @@ class Sampler:
     def __init__(self, model: Transformer, tokenizer: PromptTokenizer,
                  config: SamplingConfig = SamplingConfig(), mesh: Mesh | None = None):
         self.config = config
+        if tokenizer.max_context_tokens != config.max_context_tokens:
+            # The sampler's limit governs its prompts (and GEPA's proposals, which read it here).
+            tokenizer = copy.copy(tokenizer)
+            tokenizer.max_context_tokens = config.max_context_tokens
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.graphdef, params = nnx.split(model)
@@ -204,12 +261,8 @@ class Sampler:
             c, t = self.tokenizer.encode(context, task)
             rows.append(c + t)
             ctx_lens.append(len(c))
-        Lp = bucket_length(max(len(r) for r in rows), self.config.prompt_buckets)
-        tokens = np.full((len(rows), Lp), self.tokenizer.pad_id, np.int32)
-        mask = np.zeros((len(rows), Lp), bool)
-        for i, r in enumerate(rows):
-            tokens[i, Lp - len(r):] = r
-            mask[i, Lp - len(r):] = True
+        Lp = bucket(max(len(r) for r in rows), self.config.prompt_buckets)
+        tokens, mask = pad_rows(rows, Lp, self.tokenizer.pad_id, left=True)
         return PromptBatch(tokens, mask, np.asarray(ctx_lens, np.int32), mask.sum(1).astype(np.int32))
 
     def _unroll_layers(self) -> bool:
@@ -234,18 +287,23 @@ class Sampler:
         """Sample ``n`` completions per prompt row (see ``Samples``). ``None`` arguments take the
         config's values; each distinct ``max_new_tokens`` compiles its own decode program."""
         cfg = self.config
-        P = prompts.num_prompts
-        B = P * n
+        plan = share_plan(prompts, cfg.prompt_buckets, self.tokenizer.pad_id)
+        B = plan.num_slots * n
         per_row = lambda v, dflt, dt: np.full((B,), dflt if v is None else v, dt)  # noqa: E731
         temp = per_row(temperature, cfg.temperature, np.float32)
         tp = per_row(top_p, cfg.top_p, np.float32)
         tk = per_row(top_k, cfg.top_k, np.int32)
-        mask = self._put(prompts.mask)
-        first_logits, prefix = self._prefill(self.graphdef, params, self._put(prompts.tokens), mask, n=n)
-        out = self._decode(self.graphdef, params, first_logits, prefix, mask,
-                           self._put(prompts.lengths), jax.random.key(seed), self._put(temp),
+        samples = np.arange(n, dtype=np.int32)
+        row_ids = (plan.prompt_of_slot[:, None] * n + samples).reshape(-1)
+        start_pos = np.repeat(plan.task_start + plan.task_mask.sum(1).astype(np.int32), n)
+        first_logits, levels = self._prefill(
+            self.graphdef, params, self._put(plan.ctx_tokens), self._put(plan.ctx_mask),
+            self._put(plan.task_tokens), self._put(plan.task_mask), self._put(plan.task_start), n=n)
+        out = self._decode(self.graphdef, params, first_logits, levels, self._put(start_pos),
+                           self._put(row_ids), jax.random.key(seed), self._put(temp),
                            self._put(tp), self._put(tk), max_new=max_new_tokens or cfg.max_new_tokens)
-        tokens, logprobs, mask, finished = (np.asarray(a) for a in out)
+        take = (plan.slot_of_prompt[:, None] * n + samples).reshape(-1)
+        tokens, logprobs, mask, finished = (np.asarray(a)[take] for a in out)
         return Samples(prompts, n, tokens, logprobs, mask, mask.sum(1).astype(np.int32), finished)
 
     def generate_text(self, params, pairs: Sequence[tuple[str, str]], n: int = 1, seed: int = 0,
@@ -272,33 +330,36 @@ class Sampler:
         return self.tokenizer.decode(samples.tokens[row, :samples.lengths[row]])
 
     # -- device side ----------------------------------------------------------------------
-    def _prefill_fn(self, graphdef, params, tokens, mask, *, n):
-        """Prompt logits at the last position, repeated per sample ``[P*n, V]``, and the KV cache."""
+    def _prefill_fn(self, graphdef, params, ctx_tokens, ctx_mask, task_tokens, task_mask,
+                    task_start, *, n):
+        """The contexts' caches, then the prompts' (attending to their context's). Returns the
+        last prompt logits repeated per sample ``[C*m*n, V]`` and the two ``SharedKV`` levels."""
         self.trace_counts["prefill"] += 1
         model = nnx.merge(graphdef, params)
-        logits, kv = model.prefill(tokens, positions_from_mask(mask), mask)
-        return jnp.repeat(logits, n, axis=0), kv
+        _, ctx_kv = model.extend(ctx_tokens, positions_from_mask(ctx_mask), ctx_mask)
+        ctx = SharedKV(ctx_kv.k, ctx_kv.v, ctx_mask)
+        positions = task_start[:, None] + positions_from_mask(task_mask)
+        x, task_kv = model.extend(task_tokens, positions, task_mask, [ctx])
+        logits = model.logits(x[:, -1])
+        return jnp.repeat(logits, n, axis=0), (ctx, SharedKV(task_kv.k, task_kv.v, task_mask))
 
-    def _decode_fn(self, graphdef, params, logits, prefix: KV, prefix_mask, lengths, key,
+    def _decode_fn(self, graphdef, params, logits, levels, start_pos, row_ids, key,
                    temperature, top_p, top_k, *, max_new):
         self.trace_counts["decode"] += 1
         model = nnx.merge(graphdef, params)
         B = logits.shape[0]
-        P = prefix.k.shape[1]
-        n = B // P
-        L, _, K, _, hd = prefix.k.shape
-        cache_dtype = prefix.k.dtype
+        L, _, K, _, hd = levels[0].k.shape
+        cache_dtype = levels[0].k.dtype
         if self._unroll_layers():
             layer_weights = model.unstack_layers()
-            prefix = KV(list(prefix.k), list(prefix.v))
+            levels = [SharedKV(list(lv.k), list(lv.v), lv.mask) for lv in levels]
             suffix = KV(*([jnp.zeros((B, K, max_new, hd), cache_dtype) for _ in range(L)]
                           for _ in range(2)))
         else:
             layer_weights = None
             suffix = KV(jnp.zeros((L, B, K, max_new, hd), cache_dtype),
                         jnp.zeros((L, B, K, max_new, hd), cache_dtype))
-        row_keys = jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(B))
-        start_pos = jnp.repeat(lengths, n)
+        row_keys = jax.vmap(functools.partial(jax.random.fold_in, key))(row_ids)
         eos = self.tokenizer.eos_id if self.config.stop_at_eos else -1
         pad = self.tokenizer.pad_id
         init = (jnp.int32(0), logits, suffix, jnp.full((B, max_new), pad, jnp.int32),
@@ -318,9 +379,10 @@ class Sampler:
             lps = lps.at[:, step].set(jnp.where(done, 0.0, lp))
             live = live.at[:, step].set(~done)
             done = done | (tok == eos)
-            logits, new = model.decode(tok, start_pos + step, prefix, prefix_mask, suffix, step,
-                                       layer_weights)
-            suffix = jax.tree.map(lambda cache, kv: cache.at[..., step, :].set(kv), suffix, new)
+            logits, new = model.decode(tok, start_pos + step, levels, suffix, step, layer_weights)
+            suffix = jax.tree.map(
+                lambda cache, kv: jax.lax.dynamic_update_slice_in_dim(cache, kv.astype(cache.dtype),
+                                                                      step, axis=-2), suffix, new)
             return step + 1, logits, suffix, toks, lps, live, done
 
         _, _, _, toks, lps, live, done = jax.lax.while_loop(cond, body, init)

@@ -79,7 +79,6 @@ def train(mesh, steps: int = STEPS) -> tuple[list[float], TrainState]:
     train_step = make_train_step(graphdef, state, CFG, mesh)
     ref_logprobs = make_ref_logprobs(graphdef, state, CFG, mesh)
     batch = to_global(global_batch(), mesh)
-    batch = batch.replace(ref_logp=ref_logprobs(state, batch))
     losses = []
     for _ in range(steps):
         state, metrics = train_step(state, batch)

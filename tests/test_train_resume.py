@@ -67,7 +67,6 @@ def train(state, step_fn, ref_fn, mesh, positions, on_step=lambda state, positio
     metrics, states = [], []
     for pos in positions:
         batch = shard_batch(host_batch(pos), mesh)
-        batch = batch.replace(ref_logp=ref_fn(state, batch))
         state, m = step_fn(state, batch)
         metrics.append(to_host(m))
         states.append(to_host(state))

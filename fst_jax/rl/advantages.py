@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +31,13 @@ class AdvantageConfig:
     """``name``: a key of ``ADVANTAGES``. ``drop_zero_variance``: groups whose rewards are all
     equal get weight 0 (their rows are removed from the loss). ``batch_std_scale``: divide the
     advantages by the std of the rewards over the whole batch (TRL's ``scale_rewards="batch"``).
-    ``eps`` guards divisions by a std."""
+    ``eps`` guards divisions by a std. ``group_by``: the rows that share a baseline, all of a
+    problem's rollouts whatever context each used ("problem", FST) or a problem's rollouts
+    under one context ("problem_context", a per-context baseline); applied by
+    ``fst_jax.rollout``, which assigns the group ids."""
 
     name: str = "grpo"
+    group_by: Literal["problem", "problem_context"] = "problem"
     drop_zero_variance: bool = True
     batch_std_scale: bool = False
     eps: float = 1e-6

@@ -8,7 +8,8 @@ Row layout (``T = P + C``, both from static length buckets)::
 Alignment: every ``[B, T]`` array at index ``t`` refers to token ``t``, predicted from tokens
 ``< t``. ``loss_mask[b, t]`` is True iff token ``t`` is a real completion token;
 ``sampler_logp[b, t]`` / ``ref_logp[b, t]`` are the sampler's / reference model's
-``log pi(tokens[b, t] | tokens[b, :t])`` there (0 elsewhere). Positions count real tokens from 0
+``log pi(tokens[b, t] | tokens[b, :t])`` there (0 elsewhere); ``train_step`` computes
+``ref_logp`` itself whenever the KL term is on, so callers never fill it. Positions count real tokens from 0
 (``positions_from_mask``), the same convention the sampler uses. Padding rows (to reach a
 static batch size) and rows of dropped groups have an all-False ``loss_mask``.
 """
@@ -22,6 +23,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
+from fst_jax.padding import bucket, pad_rows
 from fst_jax.rl.advantages import AdvantageConfig, compute_advantages
 from fst_jax.sharding import batch_sharding
 
@@ -51,19 +53,6 @@ class TrainBatch:
         return self.tokens.shape
 
 
-def bucket(n: int, buckets: Sequence[int] | None = None, minimum: int = 16) -> int:
-    """The smallest of ``buckets`` >= n (default: powers of two >= ``minimum``)."""
-    if buckets is None:
-        b = minimum
-        while b < n:
-            b *= 2
-        return b
-    for b in sorted(buckets):
-        if b >= n:
-            return b
-    raise ValueError(f"length {n} exceeds the largest bucket {max(buckets)}")
-
-
 def build_train_batch(prompt_tokens: Sequence[Sequence[int]], completion_tokens: Sequence[Sequence[int]],
                       completion_logps: Sequence[Sequence[float]], rewards: Sequence[float],
                       group_ids: Sequence, context_ids: Sequence[int], *, pad_id: int,
@@ -91,17 +80,14 @@ def build_train_batch(prompt_tokens: Sequence[Sequence[int]], completion_tokens:
         raise ValueError(f"num_rows={B} < {n} rows")
     P = bucket(max(len(p) for p in prompt_tokens), prompt_buckets)
     C = bucket(max(max((len(c) for c in completion_tokens), default=1), 1), completion_buckets)
-    T = P + C
-    tokens = np.full((B, T), pad_id, np.int32)
-    mask = np.zeros((B, T), bool)
-    loss_mask = np.zeros((B, T), bool)
-    sampler_logp = np.zeros((B, T), np.float32)
-    for i, (p, c, lp) in enumerate(zip(prompt_tokens, completion_tokens, completion_logps)):
-        tokens[i, P - len(p):P] = p
-        tokens[i, P:P + len(c)] = c
-        mask[i, P - len(p):P + len(c)] = True
-        loss_mask[i, P:P + len(c)] = True
-        sampler_logp[i, P:P + len(c)] = lp
+    prompt, prompt_mask = pad_rows(prompt_tokens, P, pad_id, left=True, num_rows=B)
+    completion, loss_mask = pad_rows(completion_tokens, C, pad_id, left=False, num_rows=B)
+    tokens = np.concatenate([prompt, completion], axis=1)
+    mask = np.concatenate([prompt_mask, loss_mask], axis=1)
+    sampler_logp = np.zeros((B, P + C), np.float32)
+    for i, lp in enumerate(completion_logps):
+        sampler_logp[i, P:P + len(lp)] = lp
+    loss_mask = np.concatenate([np.zeros_like(prompt_mask), loss_mask], axis=1)
     keys = {}
     gids = np.array([keys.setdefault(g, len(keys)) for g in group_ids] + [len(keys)] * (B - n),
                     np.int32)
@@ -114,7 +100,7 @@ def build_train_batch(prompt_tokens: Sequence[Sequence[int]], completion_tokens:
     ctx = np.zeros(B, np.int32)
     ctx[:n] = context_ids
     return TrainBatch(tokens=tokens, positions=positions, mask=mask, loss_mask=loss_mask,
-                      sampler_logp=sampler_logp, ref_logp=np.zeros((B, T), np.float32),
+                      sampler_logp=sampler_logp, ref_logp=np.zeros((B, P + C), np.float32),
                       advantages=np.asarray(adv, np.float32), rewards=r, group_ids=gids,
                       context_ids=ctx)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 from typing import Any, Callable
 
 import jax
@@ -189,11 +190,14 @@ def _masked_stats(mask, logp, sampler_logp):
 
 
 def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfig,
-                    mesh: Mesh) -> Callable[[TrainState, TrainBatch], tuple[TrainState, dict]]:
+                    mesh: Mesh) -> Callable[..., tuple[TrainState, dict]]:
     """``train_step(state, batch) -> (state, metrics)``, jitted with ``state`` donated.
 
     ``state`` (a TrainState or its ``jax.eval_shape``) only fixes the structure and shardings.
-    ``batch.ref_logp`` must hold ``ref_logprobs(state, batch)`` when ``cfg.kl.beta > 0``.
+    With ``cfg.kl.beta > 0`` the step first computes ``batch.ref_logp`` with the reference
+    weights (``make_ref_logprobs``; whatever the batch held is replaced); pass a dict as
+    ``train_step(state, batch, timings=d)`` to have that phase's seconds added to
+    ``d["reference"]``.
     Metrics (float32 scalars): loss, loss_policy, entropy, clip_high/clip_low (token fractions),
     grad_norm, logp_diff_mean, logp_diff_max, logp_pearson (sampler vs trainer over completion
     tokens), tokens, reward_mean, lr, applied (1 or 0), skipped (total so far); with beta > 0
@@ -280,9 +284,15 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
     state_sh = state_shardings(state, mesh)
     jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_shardings(mesh)),
                      out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
+    reference = make_ref_logprobs(graphdef, state, cfg, mesh) if beta > 0 else None
 
-    def train_step(state: TrainState, batch: TrainBatch):
+    def train_step(state: TrainState, batch: TrainBatch, timings: dict | None = None):
         _check_batch(batch, cfg)
+        if reference is not None:  # never trust a caller-filled reference
+            t0 = time.perf_counter()
+            batch = batch.replace(ref_logp=jax.block_until_ready(reference(state, batch)))
+            if timings is not None:
+                timings["reference"] = timings.get("reference", 0.0) + time.perf_counter() - t0
         return jitted(state, batch)
 
     return train_step
@@ -293,7 +303,8 @@ def make_ref_logprobs(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerCon
     """``ref_logprobs(state, batch) -> [B, T] float32``: the reference model's log-probs of the
     batch's tokens (same rows, so the same context as the policy), micro-batched like the
     train step. The reference is ``state.ref`` (full fine-tuning) or the frozen backbone with
-    adapters off (LoRA). Call only when ``cfg.kl.beta > 0``; the state is not donated."""
+    adapters off (LoRA). Only for ``cfg.kl.beta > 0``; the state is not donated. ``train_step``
+    calls it itself; it is public for evaluation and tests."""
     require(cfg.kl.beta > 0, "reference log-probs are only needed when kl.beta > 0")
     k = cfg.micro_batches
 

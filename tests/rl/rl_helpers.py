@@ -43,7 +43,7 @@ def to_host(tree):
 
 
 def on_policy(batch, ref_fn, state, mesh):
-    """The batch with sampler and reference log-probs set to the current policy's."""
+    """The batch with sampler log-probs set to the current policy's (``ref_logp`` is left
+    unfilled: train_step computes it)."""
     b = shard_batch(batch, mesh)
-    lp = ref_fn(state, b)
-    return b.replace(sampler_logp=lp, ref_logp=lp)
+    return b.replace(sampler_logp=ref_fn(state, b))

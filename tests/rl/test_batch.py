@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from fst_jax.rl.advantages import AdvantageConfig
-from fst_jax.rl.batch import bucket, build_train_batch
+from fst_jax.padding import bucket
+from fst_jax.rl.batch import build_train_batch
 
 PROMPTS = [[5, 6, 7], [8, 9], [5, 6, 7, 10, 11]]
 COMPLETIONS = [[20, 21], [22, 23, 24], [25]]

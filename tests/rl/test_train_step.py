@@ -23,7 +23,6 @@ def _one_step(cfg, mesh, step=None):
     g, state = new_state(cfg, mesh)
     step = step or make_train_step(g, state, cfg, mesh)
     batch = shard_batch(host_batch(), mesh)
-    batch = batch.replace(ref_logp=batch.sampler_logp - 0.05)
     state, metrics = step(state, batch)
     return to_host(state.params), {k: float(v) for k, v in metrics.items()}
 
@@ -68,7 +67,7 @@ def test_non_finite_step_is_skipped_and_leaves_state_unchanged(single):
     assert float(metrics["lr"]) == pytest.approx(CFG.optimizer.lr)
 
 
-def test_on_policy_batch_has_no_mismatch_no_clipping_and_zero_kl(single):
+def test_on_policy_batch_has_no_mismatch_no_clipping_and_zero_kl_with_an_unfilled_reference(single):
     mesh, g, step, ref_fn = single
     _, state = new_state(CFG, mesh)
     state, m = step(state, on_policy(host_batch(), ref_fn, state, mesh))

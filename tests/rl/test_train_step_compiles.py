@@ -22,11 +22,10 @@ def batch_with_contexts(contexts, seed):
     prompts = [np.concatenate([contexts[i % 2], tasks[i // 2]]) for i in range(8)]
     comps = [rng.integers(1, MODEL.vocab_size, rng.integers(2, 15)) for _ in range(8)]
     logps = [-rng.random(len(c)) * 3 for c in comps]
-    batch = build_train_batch(prompts, comps, logps, [float(i % 3 == 0) for i in range(8)],
-                              [i // 2 for i in range(8)], [seed * 2 + i % 2 for i in range(8)],
-                              pad_id=0, prompt_buckets=PROMPT_BUCKETS,
-                              completion_buckets=COMPLETION_BUCKETS)
-    return batch.replace(ref_logp=batch.sampler_logp - 0.05)
+    return build_train_batch(prompts, comps, logps, [float(i % 3 == 0) for i in range(8)],
+                             [i // 2 for i in range(8)], [seed * 2 + i % 2 for i in range(8)],
+                             pad_id=0, prompt_buckets=PROMPT_BUCKETS,
+                             completion_buckets=COMPLETION_BUCKETS)
 
 
 def context(length, seed):
