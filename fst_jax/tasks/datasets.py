@@ -93,7 +93,7 @@ class JsonlTask(RecordsTask):
                  prompt_field: str = "prompt", answer_field: str = "answer", id_field: str | None = None,
                  verifier: str = "exact", verifier_options: Mapping[str, Any] | None = None,
                  seed_context: str = DEFAULT_SEED_CONTEXT, original_prompt: str = ORIGINAL_PROMPT):
-        super().__init__(f"jsonl:{Path(path).stem}", prompt_field, answer_field, id_field, verifier,
+        super().__init__("jsonl", prompt_field, answer_field, id_field, verifier,
                          verifier_options, seed_context, original_prompt)
         require(0.0 < test_fraction < 1.0, "test_fraction must be in (0, 1)")
         self.path, self.test_path, self.test_fraction = str(path), test_path, float(test_fraction)

@@ -8,7 +8,7 @@
 - ``numeric``: both parse as numbers (commas, ``$``, ``%`` ignored; ``3/4`` allowed) and agree
   within ``rel_tol`` (1e-6) or ``abs_tol`` (1e-9);
 - ``math``: mathematical equivalence by ``math-verify`` (LaTeX or plain expressions; a bare
-  expression is also tried inside ``$...$``);
+  answer is read as LaTeX inside ``$...$`` first, then as a plain expression);
 - ``json``: equal as parsed JSON values (key order and spacing do not matter);
 - ``regex``: ``reference`` is a regular expression that must match the whole answer
   (``search=True``: anywhere; ``ignore_case=True``).
@@ -98,8 +98,9 @@ def numeric(predicted: str, reference: str, rel_tol: float = 1e-6, abs_tol: floa
 def _math_parse(text: str):
     from math_verify import parse
 
-    parsed = parse(text)
-    return parsed if parsed or "$" in text else parse(f"${text}$")
+    if "$" in text or "\\boxed" in text:
+        return parse(text)
+    return parse(f"${text}$") or parse(text)  # a bare answer: as LaTeX first, else as an expression
 
 
 @register_verifier("math")
