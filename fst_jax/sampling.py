@@ -244,14 +244,11 @@ class Sampler:
     @classmethod
     def load(cls, model: str, config: SamplingConfig = SamplingConfig(), dtype: str = "float32",
              mesh: Mesh | None = None) -> "Sampler":
-        """A sampler over a local model: ``smollm2-135m-instruct`` (bundled) or an HF folder."""
-        from fst_jax.models.bundled import resolve_model_path
-        from fst_jax.models.tokenizer import ChatTokenizer
-        from fst_jax.models.weights import load_hf_folder
+        """A sampler over a local model (see ``fst_jax.models.loading.load_model``)."""
+        from fst_jax.models.loading import load_model
 
-        folder = resolve_model_path(model)
-        _, net = load_hf_folder(folder, dtype=dtype)
-        return cls(net, ChatTokenizer(folder, config.max_context_tokens), config, mesh)
+        net, tokenizer = load_model(model, dtype, config.max_context_tokens)
+        return cls(net, tokenizer, config, mesh)
 
     # -- host side ------------------------------------------------------------------------
     def encode(self, pairs: Sequence[tuple[str, str]]) -> PromptBatch:

@@ -11,8 +11,8 @@ from fst_jax.models.configs import tiny
 from fst_jax.models.tokenizer import ByteChatTokenizer
 from fst_jax.models.transformer import init_model, positions_from_mask
 from fst_jax.models.weights import model_params, params_to_hf
-from fst_jax.sampling import (Sampler, SamplingConfig, filter_logits, first_argmax,
-                               inverse_cdf_draw)
+from fst_jax.sampling import (PromptBatch, Sampler, SamplingConfig, filter_logits, first_argmax,
+                               inverse_cdf_draw, share_plan)
 from fst_jax.sharding import MeshConfig, make_mesh
 
 PAIRS = [("Be brief.", "What is 2+3?"), ("You are a careful calculator.", "7*6?"),
@@ -174,9 +174,11 @@ def test_generate_text_splits_requests_into_equal_power_of_two_chunks(model, tok
                            prompt_buckets=(128,))
     texts = sampler.generate_text(sampler.params, PAIRS, n=2, seed=0, temperature=0.0)
     assert [len(t) for t in texts] == [2, 2, 2]
+    # Chunks are (2 contexts x 1 prompt) and (1 context x 2 prompts): one program each.
+    assert sampler.trace_counts["decode"] == 2
     again = sampler.generate_text(sampler.params, PAIRS[1:] + PAIRS, n=2, seed=0, temperature=0.0)
     assert again[2:] == texts
-    assert sampler.trace_counts["decode"] == 1
+    assert sampler.trace_counts["decode"] == 2
 
 
 def test_inverse_cdf_draws_follow_the_categorical_distribution():
@@ -205,3 +207,65 @@ def test_unrolled_and_scanned_layer_decoding_give_the_same_samples(model, tok):
     b = scanned.generate(scanned.params, scanned.encode(PAIRS), n=2, seed=5)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+CONTEXTS = ["Be brief.", "You are a careful calculator. Show no work.", "Answer with a number."]
+TASKS = ["What is 2+3?", "7*6?", "Tom has 3 apples and buys 4 more. How many?", "9-4?"]
+
+
+def _teacher_forced_logprobs(model, prompts, out, temperature):
+    rows = np.repeat(prompts.tokens, out.n, axis=0)
+    tokens = np.concatenate([rows, out.tokens], 1)
+    mask = np.concatenate([np.repeat(prompts.mask, out.n, axis=0), out.mask], 1)
+    logits = model(jnp.asarray(tokens), positions_from_mask(jnp.asarray(mask)), jnp.asarray(mask))
+    lp = jax.nn.log_softmax(logits / temperature, axis=-1)
+    Lp = rows.shape[1]
+    return np.take_along_axis(np.asarray(lp[:, Lp - 1:-1]), out.tokens[..., None], -1)[..., 0]
+
+
+@pytest.mark.parametrize("layout", ["problem_major", "unbalanced"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_two_level_sharing_equals_unshared_sampling(model, tok, layout, temperature):
+    if layout == "problem_major":  # an FST group: every problem under each of 3 contexts
+        pairs = [(c, t) for t in TASKS for c in CONTEXTS]
+    else:  # contexts shared by 1, 2 and 4 prompts, interleaved
+        pairs = [(CONTEXTS[i], TASKS[j % 4]) for j, i in enumerate([2, 0, 2, 1, 2, 1, 2])]
+    sampler = make_sampler(model, tok)
+    shared = sampler.encode(pairs)
+    plan = share_plan(shared, sampler.config.prompt_buckets, tok.pad_id)
+    assert len({tuple(r[m]) for r, m in zip(plan.ctx_tokens, plan.ctx_mask)}) == len(
+        {c for c, _ in pairs})  # each context's tokens are prefilled in exactly one slot
+    # context_lengths 0: every prompt is its own task, no context keys/values are shared.
+    unshared = PromptBatch(shared.tokens, shared.mask, np.zeros_like(shared.context_lengths),
+                           shared.lengths)
+    a = sampler.generate(sampler.params, shared, n=2, seed=11, temperature=temperature)
+    b = sampler.generate(sampler.params, unshared, n=2, seed=11, temperature=temperature)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+    if temperature > 0:
+        ref = _teacher_forced_logprobs(model, shared, a, temperature)
+        np.testing.assert_allclose(np.where(a.mask, a.logprobs, 0), np.where(a.mask, ref, 0),
+                                   atol=2e-5)
+
+
+def test_share_plan_groups_prompts_by_context_in_power_of_two_slots(tok):
+    sampler_cfg = SamplingConfig(prompt_buckets=(64, 128))
+    pairs = [(CONTEXTS[i], TASKS[j % 4]) for j, i in enumerate([2, 0, 2, 1, 2])]
+    rows = [tok.encode(c, t) for c, t in pairs]
+    Lp = 128
+    tokens = np.full((5, Lp), tok.pad_id, np.int32)
+    mask = np.zeros((5, Lp), bool)
+    for i, (c, t) in enumerate(rows):
+        tokens[i, Lp - len(c + t):] = c + t
+        mask[i, Lp - len(c + t):] = True
+    prompts = PromptBatch(tokens, mask, np.asarray([len(c) for c, _ in rows], np.int32),
+                          mask.sum(1).astype(np.int32))
+    plan = share_plan(prompts, sampler_cfg.prompt_buckets, tok.pad_id)
+    assert plan.ctx_tokens.shape[0] == 4 and plan.num_slots == 4 * 4  # 3 -> 4 contexts, 3 -> 4 slots
+    np.testing.assert_array_equal(plan.prompt_of_slot[plan.slot_of_prompt], np.arange(5))
+    for p, (c, t) in enumerate(rows):
+        s = plan.slot_of_prompt[p]
+        ctx = plan.ctx_tokens[s // 4][plan.ctx_mask[s // 4]]
+        assert tuple(ctx) == c
+        assert tuple(plan.task_tokens[s][plan.task_mask[s]]) == t
+        assert plan.task_start[s] == len(c)

@@ -4,19 +4,22 @@ Layer weights carry a leading ``layers`` axis and are applied with ``jax.lax.sca
 for deep models, optional remat per layer). Every parameter carries ``logical_axes`` metadata
 (see ``fst_jax.sharding``) so it can be sharded over a mesh.
 
-Three entry points share one layer body:
+Entry points:
 - ``__call__(tokens, positions, mask, adapters=None)``: full causal forward, logits ``[B, T, V]``
-  float32, optionally with LoRA adapters applied on the activations (for training).
-- ``prefill(tokens, positions, mask)``: same, plus each layer's keys/values ``KV`` for sampling.
-- ``decode(...)``: one new token per row against a *shared prefix* cache of ``P`` prompts and a
-  per-row suffix cache of the ``P * n`` rows that sample from them (row ``r`` belongs to prompt
-  ``r // n``); each prompt's keys/values are stored and read once per group.
+  float32, optionally with LoRA adapters applied on the activations (for training); ``hidden``
+  returns the last hidden states and keys/values instead.
+- ``extend(tokens, positions, mask, shared)``: prefill for sampling, attending to *shared prefix
+  levels* (``SharedKV``): e.g. the keys/values of a few contexts, each read by all the
+  (context, task) prompts that use it.
+- ``decode(...)``: one new token per row against shared prefix levels (contexts, then prompts)
+  and a per-row suffix cache; each prefix's keys/values are stored and read once for all the
+  rows that share it (``shared_attention``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +36,51 @@ class KV(NamedTuple):
 
     k: jax.Array
     v: jax.Array
+
+
+class SharedKV(NamedTuple):
+    """One shared prefix level: ``k``/``v`` ``[L, P, K, S, hd]`` (or per-layer lists of
+    ``[P, K, S, hd]``) and ``mask`` bool ``[P, S]``; the rows of a batch of ``B`` read prefix
+    ``row // (B // P)``."""
+
+    k: jax.Array | list
+    v: jax.Array | list
+    mask: jax.Array
+
+
+def shared_attention(q, shared, own, scale: float) -> jax.Array:
+    """Softmax attention of ``q [B, T, K, G, hd]`` over the concatenation of
+    ``shared`` parts ``(k, v [P, K, S, hd], mask [P, S])``, each key read once for its ``B // P``
+    consecutive rows (one batched matmul per prefix), and ``own`` per-row parts
+    ``(k, v [B, K, S, hd], ok)`` with ``ok`` broadcastable to ``[B, K, G, T, S]`` (or True).
+    Scores and the softmax are float32. Returns ``[B, T, K, G, hd]`` float32."""
+    B, T, K, G, hd = q.shape
+    f32 = jnp.float32
+    scores, values = [], []
+    for k, v, mask in shared:
+        P = k.shape[0]
+        qs = q.reshape(P, B // P, T, K, G, hd)
+        s = jnp.einsum("pjtkgd,pksd->pjkgts", qs, k, preferred_element_type=f32)
+        s = jnp.where(mask[:, None, None, None, None, :], s, _NEG)
+        scores.append(s.reshape(B, K, G, T, -1))
+        values.append((v, True))
+    for k, v, ok in own:
+        s = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=f32)
+        scores.append(jnp.where(ok, s, _NEG))
+        values.append((v, False))
+    probs = jax.nn.softmax(jnp.concatenate(scores, -1) * scale, axis=-1)
+    out, start = 0.0, 0
+    for (v, is_shared), s in zip(values, scores):
+        p = probs[..., start:start + s.shape[-1]].astype(v.dtype)
+        start += s.shape[-1]
+        if is_shared:
+            P = v.shape[0]
+            p = p.reshape(P, B // P, K, G, T, -1)
+            o = jnp.einsum("pjkgts,pksd->pjtkgd", p, v, preferred_element_type=f32)
+            out = out + o.reshape(B, T, K, G, hd)
+        else:
+            out = out + jnp.einsum("bkgts,bksd->btkgd", p, v, preferred_element_type=f32)
+    return out
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, std: float | None = None, value: float | None = None):
@@ -217,74 +265,75 @@ class Transformer(nnx.Module):
         x, _ = self.hidden(tokens, positions, mask, adapters)
         return self.logits(x)
 
-    def prefill(self, tokens, positions, mask) -> tuple[jax.Array, KV]:
-        """Last-position logits ``[B, V]`` (prompts are left-padded) and the prompt KV cache."""
-        x, kv = self.hidden(tokens, positions, mask)
-        return self.logits(x[:, -1]), kv
-
-    # -- decode ---------------------------------------------------------------------------
-    def decode(self, token, position, prefix: KV, prefix_mask, suffix: KV, step,
+    # -- sampling: prefill against shared prefixes, decode ----------------------------------
+    def extend(self, tokens, positions, mask, shared: Sequence[SharedKV] = (),
                layer_weights: list[dict] | None = None) -> tuple[jax.Array, KV]:
-        """One decode step for ``B = P * n`` rows.
+        """Causal forward of ``tokens [B, T]`` (``positions``, ``mask`` as in ``hidden``) that also
+        attends to ``shared`` prefix levels; returns the hidden states ``[B, T, D]`` and this
+        pass's keys/values ``[L, B, K, T, hd]`` (lists per layer with ``layer_weights``).
 
-        token, position: int32 ``[B]``; prefix: ``[L, P, K, Lp, hd]`` with ``prefix_mask [P, Lp]``;
-        suffix: ``[L, B, K, S, hd]`` of which slots ``< step`` are valid. Returns logits ``[B, V]``
-        float32 and this step's keys/values ``[L, B, K, hd]`` (the caller writes slot ``step``).
+        A level ``SharedKV(k, v, mask)`` holds ``P`` prefixes (``k``/``v`` ``[L, P, K, S, hd]``,
+        ``mask [P, S]``) shared by consecutive rows: row ``b`` reads prefix ``b // (B // P)``.
+        With no levels this is the plain prompt prefill."""
+        T = tokens.shape[1]
+        own_ok = (jnp.tril(jnp.ones((T, T), bool))[None] & mask[:, None, :])[:, None, None]
+        x = self.embed_tokens(tokens)
+        return self._run_layers(x, positions, shared, [own_ok], [], layer_weights)
+
+    def decode(self, token, position, shared: Sequence[SharedKV], suffix: KV, step,
+               layer_weights: list[dict] | None = None) -> tuple[jax.Array, KV]:
+        """One decode step for ``B`` rows.
+
+        token, position: int32 ``[B]``; ``shared``: prefix levels as in ``extend`` (e.g. the
+        contexts, then the (context, task) prompts); suffix: ``[L, B, K, S, hd]`` per-row cache of
+        which slots ``< step`` are valid. Returns logits ``[B, V]`` float32 and this step's
+        keys/values ``[L, B, K, 1, hd]`` (the caller writes slot ``step``).
 
         With ``layer_weights`` (from ``unstack_layers``) the caches are per-layer lists instead of
         stacked arrays, the new keys/values come back as lists too, and the layers run as an
         unrolled loop: XLA's CPU backend copies every per-step dynamic slice of a scanned
         operand, which makes the scanned decode about 1.5x slower there.
         """
+        S = suffix.k[0].shape[-2]
+        suffix_ok = (jnp.arange(S) < step)[None, None, None, None, :]
+        x = self.embed_tokens(token[:, None])
+        x, kv = self._run_layers(x, position[:, None], shared, [suffix_ok, True], [suffix],
+                                 layer_weights)
+        return self.logits(x[:, 0]), kv
+
+    def _run_layers(self, x, positions, shared, own_ok, caches, layer_weights):
+        """Layers over ``x [B, T, D]``: attention to the ``shared`` levels, to per-row ``caches``
+        (KV ``[L, B, K, S, hd]``) and to this pass's own keys; ``own_ok`` holds one mask per
+        per-row part (caches, then own), broadcastable to ``[B, K, G, T, S]``."""
         cfg = self.cfg
         inv_freq = rope_inv_freq(cfg)
-        B = token.shape[0]
-        P = prefix_mask.shape[0]
-        n = B // P
         K, G, hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
-        S = suffix.k[0].shape[-2]
-        scale = hd ** -0.5
-        f32 = jnp.float32
-        prefix_ok = prefix_mask[:, None, None, :]  # [P, 1, 1, Lp]
-        suffix_ok = (jnp.arange(S) < step)[None, None, None, None, :]
+        B, T = x.shape[:2]
 
         def body(x, layer):
-            w, pk, pv, sk, sv = layer
+            w, levels, rows = layer
             h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-            q, k, v = _qkv(cfg, w, {}, h, position[:, None], inv_freq)  # [B, 1, heads, hd]
-            q5 = q.reshape(P, n, K, G, hd)
-            # Shared prefix: all n samples' queries of a prompt against its one cache copy.
-            qp = q5.transpose(0, 2, 1, 3, 4).reshape(P, K, n * G, hd)
-            s_pre = jnp.einsum("pkqd,pksd->pkqs", qp, pk, preferred_element_type=f32)
-            s_pre = jnp.where(prefix_ok, s_pre, _NEG).reshape(P, K, n, G, -1).transpose(0, 2, 1, 3, 4)
-            sk5, sv5 = sk.reshape(P, n, K, S, hd), sv.reshape(P, n, K, S, hd)
-            s_suf = jnp.where(suffix_ok, jnp.einsum("pnkgd,pnksd->pnkgs", q5, sk5,
-                                                    preferred_element_type=f32), _NEG)
-            k5, v5 = k.reshape(P, n, K, 1, hd), v.reshape(P, n, K, 1, hd)
-            s_cur = jnp.einsum("pnkgd,pnksd->pnkgs", q5, k5, preferred_element_type=f32)
-            probs = jax.nn.softmax(jnp.concatenate([s_pre, s_suf, s_cur], -1) * scale, axis=-1)
-            Lp = pk.shape[2]
-            p_pre = probs[..., :Lp].transpose(0, 2, 1, 3, 4).reshape(P, K, n * G, Lp)
-            o_pre = jnp.einsum("pkqs,pksd->pkqd", p_pre.astype(pv.dtype), pv,
-                               preferred_element_type=f32)
-            o_pre = o_pre.reshape(P, K, n, G, hd).transpose(0, 2, 1, 3, 4)
-            o_suf = jnp.einsum("pnkgs,pnksd->pnkgd", probs[..., Lp:Lp + S].astype(sv.dtype), sv5,
-                               preferred_element_type=f32)
-            o_cur = probs[..., Lp + S:].astype(f32) * v5[:, :, :, 0, None, :].astype(f32)
-            attn = (o_pre + o_suf + o_cur).reshape(B, 1, cfg.num_heads, hd)
-            return _mlp_block(cfg, w, {}, x, attn), (k[:, 0], v[:, 0])
+            q, k, v = _qkv(cfg, w, {}, h, positions, inv_freq)
+            q = q.reshape(B, T, K, G, hd)
+            parts = [(pk, pv, lvl.mask) for (pk, pv), lvl in zip(levels, shared)]
+            own = [(ck, cv, ok) for (ck, cv), ok in zip(rows, own_ok)]
+            own.append((k.swapaxes(1, 2), v.swapaxes(1, 2), own_ok[-1]))
+            attn = shared_attention(q, parts, own, hd ** -0.5)
+            return _mlp_block(cfg, w, {}, x, attn.reshape(B, T, -1, hd)), (k.swapaxes(1, 2),
+                                                                            v.swapaxes(1, 2))
 
-        x = self.embed_tokens(token[:, None])
         if layer_weights is None:
-            xs = (self.layers.weights(), prefix.k, prefix.v, suffix.k, suffix.v)
+            xs = (self.layers.weights(), [(lvl.k, lvl.v) for lvl in shared],
+                  [(c.k, c.v) for c in caches])
             x, (ks, vs) = self._scan(body, x, xs)
-            return self.logits(x[:, 0]), KV(ks, vs)
+            return x, KV(ks, vs)
         ks, vs = [], []
-        for layer in zip(layer_weights, prefix.k, prefix.v, suffix.k, suffix.v):
+        for i, w in enumerate(layer_weights):
+            layer = (w, [(lvl.k[i], lvl.v[i]) for lvl in shared], [(c.k[i], c.v[i]) for c in caches])
             x, (k, v) = body(x, layer)
             ks.append(k)
             vs.append(v)
-        return self.logits(x[:, 0]), KV(ks, vs)
+        return x, KV(ks, vs)
 
     def unstack_layers(self) -> list[dict[str, jax.Array]]:
         """Per-layer weight dicts (copies of the stacked weights' slices) for unrolled decoding."""
