@@ -7,9 +7,10 @@ target model and mesh, compiles the project's ``make_train_step`` ahead of time 
 
 - ``weights`` (trained + frozen), ``reference`` (the KL reference copy), ``lora``, ``optimizer``
   and ``batch``: exact, from each array's shard shape under the project's sharding rules;
-- ``train_step``: XLA's ``memory_analysis()`` of the compiled step (arguments, outputs, aliased
-  donations, temporaries); with ``kl.beta > 0`` also the reference log-prob program's;
-- ``total``: the larger program's peak estimate, ``arguments + outputs - aliased + temporaries``.
+- ``train_step``: XLA's ``memory_analysis()`` of the step exactly as the loop calls it (with
+  ``kl.beta > 0`` that includes the reference log-prob pass), compiled as one program
+  (arguments, outputs, aliased donations, temporaries);
+- ``total``: its peak estimate, ``resident state and batch + outputs - aliased + temporaries``.
 
 It raises ``DryRunError`` naming every part when ``total`` exceeds ``device_memory_gib``.
 
@@ -165,7 +166,7 @@ def measure(spec: DryRunSpec) -> dict[str, Any]:
     from fst_jax.checkpoint import abstract_target
     from fst_jax.models.transformer import init_model
     from fst_jax.rl.batch import TrainBatch, batch_shardings
-    from fst_jax.rl.train_step import init_train_state, make_ref_logprobs, make_train_step
+    from fst_jax.rl.train_step import init_train_state, make_train_step
     from fst_jax.sharding import make_mesh, state_shardings
 
     devices = jax.devices()
@@ -194,11 +195,6 @@ def measure(spec: DryRunSpec) -> dict[str, Any]:
     step = make_train_step(box["graphdef"], abstract, spec.learner, mesh)
     programs["train_step"] = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
     seconds["train_step"] = time.perf_counter() - t0
-    if spec.learner.kl.beta > 0:
-        t0 = time.perf_counter()
-        ref = make_ref_logprobs(box["graphdef"], abstract, spec.learner, mesh)
-        programs["ref_logprobs"] = jax.jit(ref).lower(state, batch).compile()
-        seconds["ref_logprobs"] = time.perf_counter() - t0
     parts = {"weights": _shard_bytes((state.params, state.frozen)),
              "reference": _shard_bytes(state.ref), "lora": _shard_bytes(state.lora),
              "optimizer": _shard_bytes(state.opt_state),

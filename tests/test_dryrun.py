@@ -25,7 +25,7 @@ def test_tiny_dry_run_counts_fsdp_sharded_weights_reference_and_adam_moments():
     assert 2 * weights <= b["optimizer"] <= 2 * weights + 64  # Adam mu, nu (+ step counters)
     assert b["lora"] == 0
     assert report["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1}
-    assert set(report["programs"]) == {"train_step", "ref_logprobs"}
+    assert set(report["programs"]) == {"train_step"}
     step = report["programs"]["train_step"]
     assert step["temp_size_in_bytes"] > 0
     assert report["total_bytes"] >= sum(b.values()) + step["temp_size_in_bytes"]
