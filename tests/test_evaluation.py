@@ -69,9 +69,12 @@ def kl_batch(rows=5, seed=0):
 def numpy_kl(policy_model, base_model, batch):
     """Per-position exact KL from full float64 log-softmaxes, then token and row means."""
     args = (batch.tokens, batch.positions, batch.mask)
-    lp, lb = (np.asarray(m(*args), np.float64) for m in (policy_model, base_model))
-    lp -= np.log(np.exp(lp - lp.max(-1, keepdims=True)).sum(-1, keepdims=True)) + lp.max(-1, keepdims=True)
-    lb -= np.log(np.exp(lb - lb.max(-1, keepdims=True)).sum(-1, keepdims=True)) + lb.max(-1, keepdims=True)
+    def log_softmax(x):
+        x = np.asarray(x, np.float64)
+        top = x.max(-1, keepdims=True)
+        return x - top - np.log(np.exp(x - top).sum(-1, keepdims=True))
+
+    lp, lb = (log_softmax(m(*args)) for m in (policy_model, base_model))
     kl = (np.exp(lp) * (lp - lb)).sum(-1)[:, :-1]  # position t predicts token t + 1
     m = batch.loss_mask[:, 1:]
     return (kl * m).sum() / m.sum(), (kl * m).sum(1) / m.sum(1)
