@@ -8,7 +8,7 @@ scale when its rates sit between about 5% and 60%. One JSON line per task goes t
 and a markdown table ``<out>.md``.
 
     nice -n 10 python benchmarks/base_rates.py [--tasks arithmetic,codeio,rg:path_star] [--n 64]
-        [--max-new-tokens 256] [--out benchmarks/results_base_rates]
+        [--max-new-tokens 256] [--out benchmarks/results_base_rates] [--tables-only]
 """
 
 from __future__ import annotations
@@ -63,26 +63,46 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--max-prompts-per-batch", type=int, default=16)
     parser.add_argument("--out", default="benchmarks/results_base_rates")
+    parser.add_argument("--tables-only", action="store_true", help="rewrite .json/.md from .jsonl, measure nothing")
     args = parser.parse_args()
+    if args.tables_only:
+        write_tables(args.out)
+        return
     config = SamplingConfig(max_new_tokens=args.max_new_tokens, max_prompts_per_batch=args.max_prompts_per_batch,
                             prompt_buckets=(128, 256, 512, 1024, 2048, 4096))
     sampler = Sampler.load("smollm2-135m-instruct", config)
-    rows = []
     for name in args.tasks.split(","):
-        row = measure(sampler, name, args.n, args.max_new_tokens)
-        rows.append(row)
+        try:
+            row = measure(sampler, name, args.n, args.max_new_tokens)
+        except Exception as e:  # one broken task must not lose the others' numbers
+            print(json.dumps({"task": name, "error": f"{type(e).__name__}: {e}"}), flush=True)
+            continue
         print(json.dumps(row), flush=True)
         with open(args.out + ".jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-    with open(args.out + ".json", "w") as f:
+    write_tables(args.out)
+
+
+def write_tables(out: str) -> None:
+    """``<out>.json`` and ``<out>.md`` from every row in ``<out>.jsonl`` (a task measured again
+    replaces its earlier row), so a run can be completed by later ``--tasks`` runs."""
+    by_task = {}
+    with open(out + ".jsonl") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                by_task[row["task"]] = row
+    rows = list(by_task.values())
+    with open(out + ".json", "w") as f:
         json.dump(rows, f, indent=1)
     lines = ["| task | greedy accuracy | mean@4 (T=1) | any of 4 | headroom (5-60%) |", "|---|---|---|---|---|"]
     for r in rows:
         head = "yes" if 0.05 <= max(r["greedy_accuracy"], r["mean_at_4"]) and min(r["greedy_accuracy"], r["mean_at_4"]) <= 0.60 else "no"
         lines.append(f"| {r['task']} | {r['greedy_accuracy']:.3f} | {r['mean_at_4']:.3f} | {r['any_of_4']:.3f} | {head} |")
-    note = (f"\nSmolLM2-135M-Instruct (bundled, fp32, CPU), {args.n} test problems per task (seed 0), each task's "
-            f"seed context, max {args.max_new_tokens} new tokens.\n")
-    with open(args.out + ".md", "w") as f:
+    settings = sorted({(r["n"], r["max_new_tokens"]) for r in rows})
+    note = (f"\nSmolLM2-135M-Instruct (bundled, fp32, CPU), test problems (seed 0) per task as (n, max new "
+            f"tokens) = {settings}, each task's seed context (task-agnostic).\n")
+    with open(out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n" + note)
     print("\n".join(lines))
 

@@ -23,6 +23,7 @@ import contextlib
 import functools
 import io
 import json
+import logging
 import random
 import re
 import zlib
@@ -32,6 +33,8 @@ from fst_jax.config import ConfigError, require
 from fst_jax.tasks.answers import extract_answer, format_hint
 from fst_jax.tasks.verifiers import json_diff
 from fst_jax.tasks.base import DEFAULT_SEED_CONTEXT, Example, in_test_split, register_task, register_task_family
+
+log = logging.getLogger(__name__)
 
 # The generators named in the paper's task families (registered by name; any other works too).
 LISTED = ("codeio", "path_star", "knights_knaves", "family_relationships", "zebra_puzzles",
@@ -92,11 +95,16 @@ class ReasoningGymTask:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         dataset = self._dataset(zlib.crc32(f"{self.generator}|{split}|{seed}".encode()))
-        want_test, seen, out = split == "test", set(), []
+        want_test, seen, out, broken = split == "test", set(), [], 0
         for idx in range(100 * n + 1000):
             if len(out) == n:
                 break
-            item = self._item(dataset, idx)
+            try:
+                item = self._item(dataset, idx)
+            except Exception as e:  # a generator bug on one item (e.g. a codeio program whose output is not JSON)
+                broken += 1
+                log.debug("%s item %d failed: %s: %s", self.name, idx, type(e).__name__, e)
+                continue
             if item is None:
                 continue
             question = item["question"]
@@ -105,6 +113,8 @@ class ReasoningGymTask:
             seen.add(question)
             out.append(Example(id=f"{self.name}-{split}-{seed}-{len(out)}", prompt=question,
                                answer=str(item["answer"]), metadata={"entry": item}))
+        if broken:
+            log.warning("%s: skipped %d items whose generation raised", self.name, broken)
         if len(out) < n:
             raise ValueError(f"{self.name} gave only {len(out)} distinct {split} problems of {n} asked; "
                              f"widen the generator's options")
