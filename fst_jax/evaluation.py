@@ -10,7 +10,7 @@ Metric definitions (host side, NumPy):
 vocabulary at each completion position of completions sampled from ``pi_theta``, averaged per
 token; the exact value, no estimator. ``EvaluationHook`` runs all of it on a task's fixed
 "test" examples every ``every`` steps of the training loop (or once on a checkpoint) and returns
-a flat dict of floats; OOD tasks always get the ORIGINAL prompt, never an evolved one.
+a flat dict of floats; OOD tasks always get their own original prompt, never an evolved one.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from fst_jax.config import require, require_in_registry
 from fst_jax.models.transformer import positions_from_mask
 from fst_jax.rl.batch import TrainBatch, shard_batch
 from fst_jax.sharding import BATCH_AXES, state_shardings
-from fst_jax.tasks.base import TASKS, Example, Task, make_task, safe_reward
+from fst_jax.tasks.base import TASK_FAMILIES, TASKS, Example, Task, make_task, safe_reward
 
 
 # -- metric definitions -------------------------------------------------------------------
@@ -257,7 +257,8 @@ def fit_sigmoid(steps: Sequence[float], values: Sequence[float], r0: float | Non
 @dataclasses.dataclass(frozen=True)
 class EvaluationConfig:
     """Evaluation every ``every`` steps (0: off) on ``num_examples`` fixed "test" examples of the
-    task (and of each ``ood_tasks`` name, always with the original prompt).
+    task and of each ``ood_tasks`` name (a task name or ``family:member``), the latter always
+    with that task's own ``original_prompt``, never an evolved context.
 
     ``k`` samples per example at ``temperature`` give mean@k; ``greedy`` adds pass@1;
     ``kl`` adds the exact ``KL(pi_theta || pi_base)`` per completion token on one temperature-1
@@ -290,7 +291,8 @@ class EvaluationConfig:
         require(not self.two_by_two or self.greedy, "two_by_two needs greedy (pass@1)")
         require(len(set(self.ood_tasks)) == len(self.ood_tasks), "ood_tasks has duplicates")
         for name in self.ood_tasks:
-            require_in_registry(name, TASKS, "ood task")
+            if name.split(":", 1)[0] not in TASK_FAMILIES:
+                require_in_registry(name, TASKS, "ood task")
 
 
 class EvaluationHook:
@@ -340,20 +342,27 @@ class EvaluationHook:
                 for k, outs in zip(keys, texts)}
 
     def run(self, generator, params, base_params, task: Task, contexts: Sequence[str],
-            original_prompt: str) -> dict[str, float]:
+            original_prompt: str | None = None) -> dict[str, float]:
         """Evaluate ``params`` (the current sampling weights) with ``contexts[0]`` (the best
-        evolved context; ``[original_prompt]`` in rl mode) and with ``original_prompt``.
+        evolved context; ``[original_prompt]`` in rl mode) and with ``original_prompt``
+        (default ``task.original_prompt``).
 
         ``generator``: a ``TextGenerator``; for ``kl`` the project's ``Sampler`` (it needs
         ``encode``, ``generate``, ``graphdef`` and ``mesh``). ``base_params``: the base weights
-        (for ``kl`` and ``two_by_two``). Returns ``eval/...`` floats (see the README)."""
+        (for ``kl`` and ``two_by_two``). Returns floats keyed ``eval/mean@{k}``,
+        ``eval/pass@1`` (best context), the same with ``_original`` (original prompt), each of
+        those four with ``_max`` (running max over evaluations), ``eval/ood/<task>/mean@{k}``
+        and ``.../pass@1``, ``eval/2x2/{base,trained}/{original,evolved}`` and
+        ``eval/kl_to_base``, as configured."""
         cfg, k = self.config, self.config.k
+        if original_prompt is None:
+            original_prompt = task.original_prompt
         require(len(contexts) > 0, "contexts must hold at least the original prompt")
         require(base_params is not None or not (cfg.kl or cfg.two_by_two),
                 "kl and two_by_two need base_params")
         best_ctx = contexts[0]
         main = [(task, ex, c) for ex in self.examples(task) for c in (best_ctx, original_prompt)]
-        ood = [(t, ex, original_prompt) for t in self.ood.values() for ex in self.examples(t)]
+        ood = [(t, ex, t.original_prompt) for t in self.ood.values() for ex in self.examples(t)]
         out: dict[str, float] = {}
 
         def table(scores, t: Task, ctx: str) -> np.ndarray:
@@ -363,13 +372,13 @@ class EvaluationHook:
         out[f"eval/mean@{k}"] = mean_at_k(table(sampled, task, best_ctx))
         out[f"eval/mean@{k}_original"] = mean_at_k(table(sampled, task, original_prompt))
         for name, t in self.ood.items():
-            out[f"eval/ood/{name}/mean@{k}"] = mean_at_k(table(sampled, t, original_prompt))
+            out[f"eval/ood/{name}/mean@{k}"] = mean_at_k(table(sampled, t, t.original_prompt))
         if cfg.greedy:
             greedy = self._grade(generator, params, main + ood, 1, 0.0)
             out["eval/pass@1"] = pass_at_1(table(greedy, task, best_ctx)[:, 0])
             out["eval/pass@1_original"] = pass_at_1(table(greedy, task, original_prompt)[:, 0])
             for name, t in self.ood.items():
-                out[f"eval/ood/{name}/pass@1"] = pass_at_1(table(greedy, t, original_prompt)[:, 0])
+                out[f"eval/ood/{name}/pass@1"] = pass_at_1(table(greedy, t, t.original_prompt)[:, 0])
         if cfg.two_by_two:
             graded = {id(params): greedy}
 

@@ -178,36 +178,36 @@ class StubGenerator:
 def test_hook_scores_best_context_original_prompt_ood_and_2x2():
     cfg = EvaluationConfig(every=5, num_examples=8, k=4, kl=False, two_by_two=True,
                            ood_tasks=("arithmetic-ood-test",))
-    hook = EvaluationHook(cfg)
+    hook = EvaluationHook(cfg, ood={"arithmetic-ood-test": OodArithmetic(original_prompt="OOD.")})
     task = ArithmeticTask()
     gen = StubGenerator([task, hook.ood["arithmetic-ood-test"]], 8)
     out = hook.run(gen, {"skill": 4}, {"skill": 1}, task, [f"Be exact. {HINT}", "Be exact."],
                    "Be exact.")
     assert out["eval/pass@1"] == 6 / 8 and out["eval/pass@1_original"] == 4 / 8
     assert out["eval/mean@4"] == 3 / 8 and out["eval/mean@4_original"] == 2 / 8
-    # OOD sets never see the evolved context: the hint would have added 2 correct.
+    # OOD sets get their own original prompt, never the evolved context (its hint adds 2).
     assert out["eval/ood/arithmetic-ood-test/pass@1"] == 4 / 8
     assert out["eval/ood/arithmetic-ood-test/mean@4"] == 2 / 8
     assert {k: v for k, v in out.items() if k.startswith("eval/2x2/")} == {
         "eval/2x2/base/original": 1 / 8, "eval/2x2/base/evolved": 3 / 8,
         "eval/2x2/trained/original": 4 / 8, "eval/2x2/trained/evolved": 6 / 8}
     ood_prompts = {ex.prompt for ex in hook.examples(hook.ood["arithmetic-ood-test"])}
-    assert all(HINT not in ctx for _, pairs, _, _ in gen.calls for ctx, p in pairs
-               if p in ood_prompts)
+    assert {ctx for _, pairs, _, _ in gen.calls for ctx, p in pairs if p in ood_prompts} == {"OOD."}
     assert len(gen.calls) == 3  # sampled, greedy, base greedy
     assert out["eval/pass@1_max"] == 6 / 8
     assert hook.due(10) and not hook.due(11)
 
 
 def test_hook_keeps_running_maxima_across_evaluations_and_checkpoints():
+    """Also: with no original_prompt the task's own is used (rl mode: it is the only context)."""
     cfg = EvaluationConfig(num_examples=8, k=2, kl=False)
     task = ArithmeticTask()
     hook = EvaluationHook(cfg)
     gen = StubGenerator([task], 8)
-    hook.run(gen, {"skill": 5}, None, task, ["Be exact."], "Be exact.")
+    hook.run(gen, {"skill": 5}, None, task, [task.original_prompt])
     restored = EvaluationHook(cfg)
     restored.load_state(hook.state())
-    out = restored.run(gen, {"skill": 2}, None, task, ["Be exact."], "Be exact.")
+    out = restored.run(gen, {"skill": 2}, None, task, [task.original_prompt])
     assert out["eval/pass@1"] == 2 / 8 and out["eval/pass@1_max"] == 5 / 8
     assert out["eval/mean@2_max"] == pytest.approx(5 / 16)
     assert len(gen.calls[-1][1]) == 8  # rl mode: the best context IS the original; no repeats
@@ -220,6 +220,7 @@ def test_hook_kl_needs_the_sampler_and_config_rejects_unknown_ood_task():
         hook.run(StubGenerator([task], 2), {"skill": 1}, {"skill": 1}, task, ["x"], "x")
     with pytest.raises(ConfigError, match="unknown ood task"):
         EvaluationConfig(ood_tasks=("no-such-task",))
+    assert EvaluationConfig(ood_tasks=("rg:maze",)).ood_tasks == ("rg:maze",)  # a family member
 
 
 # -- the hook's KL on the real sampler ----------------------------------------------------
