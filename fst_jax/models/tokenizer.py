@@ -41,6 +41,10 @@ class PromptTokenizer:
         """Text of ``ids`` with special tokens removed."""
         raise NotImplementedError
 
+    def save(self, folder: str | Path) -> None:
+        """Write the tokenizer's files into ``folder`` (beside exported weights)."""
+        raise NotImplementedError
+
     def count_context_tokens(self, context: str) -> int:
         """Encoded length of ``context``'s system turn (no limit applied)."""
         return len(self._ids(self._render([{"role": "system", "content": context}], False)))
@@ -85,6 +89,9 @@ class ChatTokenizer(PromptTokenizer):
         self.eos_id = int(self.hf.eos_token_id)
         self.pad_id = int(self.hf.pad_token_id if self.hf.pad_token_id is not None else self.eos_id)
 
+    def save(self, folder):
+        self.hf.save_pretrained(str(folder))
+
     def _render(self, messages, generation_prompt):
         return self.hf.apply_chat_template(messages, tokenize=False,
                                            add_generation_prompt=generation_prompt)
@@ -107,6 +114,9 @@ class ByteChatTokenizer(PromptTokenizer):
     def __init__(self, max_context_tokens: int = 512):
         self.max_context_tokens = max_context_tokens
         self.eos_id, self.pad_id = 2, 0
+
+    def save(self, folder):
+        """Nothing to write: the byte tokenizer is defined by this class alone."""
 
     def _render(self, messages, generation_prompt):
         text = "".join(f"\x01{m['role']}\n{m['content']}\x02" for m in messages)

@@ -1,0 +1,323 @@
+"""The ``train`` job: Fast-Slow Training, with weights-only RL and context-only GEPA as modes.
+
+One cycle, every ``fast.every`` (T) RL steps (spec, section 2)::
+
+    fast   (modes gepa, fst): a GEPA round against the current weights; its anchor set is the
+           problems of the next T batches (peeked, not consumed); it starts from the previous
+           cycle's top-K, re-scored under the current weights, and keeps the new top-K.
+    slow   (every step): G rollouts per problem with the K contexts mixed inside each group
+           (G/K each), advantages per problem across all of them, one optimizer step on
+           CISPO + beta * KL (mode rl: the fixed original prompt; mode gepa: no update).
+
+All modes read the same problems in the same order with the same seeds. The run folder holds
+``config.yaml``, ``steps.jsonl`` (one line per RL step), ``gepa.jsonl`` (one line per GEPA
+round), TensorBoard events, ``checkpoints/`` (train state + host state at one step), plots,
+``contexts.json`` (the contexts kept) and ``result.json``; with ``export_hf`` also ``hf/``
+(the trained weights as a Hugging Face folder). Rerunning the same command resumes from the last
+intact checkpoint and follows the same trajectory; SIGTERM saves a checkpoint and stops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from fst_jax.checkpoint import CheckpointConfig, Checkpointer, abstract_target
+from fst_jax.config import require, save_config, to_dict
+from fst_jax.data import DataConfig, ProblemStream
+from fst_jax.fast.candidates import Member
+from fst_jax.fast.optimizer import GEPAConfig, run_gepa_round
+from fst_jax.metrics import LoggingConfig, make_writers
+from fst_jax.models.loading import load_model
+from fst_jax.plots import plot_run
+from fst_jax.rl.train_step import LearnerConfig, init_train_state, make_train_step
+from fst_jax.rollout import check_group_mix, rollout, sampling_weights
+from fst_jax.sampling import Sampler, SamplingConfig
+from fst_jax.sharding import MeshConfig, make_mesh
+from fst_jax.tasks import make_task, safe_reward
+
+log = logging.getLogger(__name__)
+
+MODES = ("rl", "gepa", "fst")
+
+
+@dataclasses.dataclass(frozen=True)
+class FastConfig:
+    """The fast channel: a GEPA round every ``every`` RL steps (T); ``gepa.top_k`` is the
+    population K carried between rounds and mixed into every group; ``gepa.max_metric_calls``
+    is the budget of one round (the re-scoring of carried contexts included)."""
+
+    every: int = 6
+    gepa: GEPAConfig = GEPAConfig(max_proposals=400)
+
+    def __post_init__(self):
+        require(self.every >= 1, "every must be >= 1")
+        # Proposals whose reflection fails score nothing new, so a metric-call budget alone
+        # may never run out: every round of the loop needs a bound that always advances.
+        require(self.gepa.max_proposals is not None or self.gepa.max_seconds is not None,
+                "gepa.max_proposals or gepa.max_seconds must be set (a round whose proposals all "
+                "fail spends no metric calls)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainJob:
+    """One training run. ``model``: ``smollm2-135m-instruct`` (bundled), a local HF folder, or
+    ``tiny:<family>`` (a random tiny model with the byte tokenizer, for smoke runs).
+    ``task_options`` go to the task's constructor; among them ``seed_context`` (GEPA's seed)
+    and ``original_prompt`` (the fixed prompt of mode ``rl``). ``samples_per_problem`` is G.
+    A relative ``checkpoint.directory`` is inside ``output_dir``."""
+
+    mode: Literal["rl", "gepa", "fst"] = "fst"
+    model: str = "smollm2-135m-instruct"
+    dtype: str = "float32"
+    task: str = "arithmetic"
+    task_options: dict = dataclasses.field(default_factory=dict)
+    steps: int = 60
+    problems_per_step: int = 8
+    samples_per_problem: int = 8
+    seed: int = 0
+    output_dir: str = "runs/fst"
+    export_hf: bool = True
+    data: DataConfig = DataConfig()
+    sampling: SamplingConfig = SamplingConfig(max_new_tokens=128, temperature=1.0)
+    learner: LearnerConfig = LearnerConfig()
+    fast: FastConfig = FastConfig()
+    mesh: MeshConfig = MeshConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig(save_every_steps=6)
+    logging: LoggingConfig = LoggingConfig()
+
+    def __post_init__(self):
+        require(self.steps >= 1 and self.problems_per_step >= 1, "steps and problems_per_step must be >= 1")
+        require(self.samples_per_problem >= 2, "samples_per_problem must be >= 2 (advantages need a group)")
+        require(self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16")
+        K = self.fast.gepa.top_k
+        require(self.mode == "rl" or self.samples_per_problem % K == 0,
+                f"samples_per_problem must be divisible by fast.gepa.top_k (K={K}): each context "
+                f"gets G/K rollouts of every problem")
+
+    @property
+    def trains_weights(self) -> bool:
+        return self.mode in ("rl", "fst")
+
+    @property
+    def evolves_contexts(self) -> bool:
+        return self.mode in ("gepa", "fst")
+
+
+class _StopSignal:
+    """Turns SIGTERM into a flag checked between steps (then: checkpoint and stop)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM: finishing this step, saving a checkpoint, then stopping")
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def fill_slots(members: list[Member], k: int) -> list[Member]:
+    """``k`` context slots from the ranked members (best first); a population smaller than
+    ``k`` fills the remaining slots by repeating members in rank order."""
+    if len(members) < k:
+        log.info("population has %d members for %d slots: filling by rank", len(members), k)
+    return [members[i % len(members)] for i in range(k)]
+
+
+def _unique(examples):
+    seen, out = set(), []
+    for ex in examples:
+        if ex.id not in seen:
+            seen.add(ex.id)
+            out.append(ex)
+    return out
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def run_train_job(job: TrainJob, *, reflection_fn: Callable[[str], str] | None = None,
+                  max_steps_this_run: int | None = None) -> dict[str, Any]:
+    """Run (or resume) ``job``; returns the summary also written to ``result.json``.
+
+    ``reflection_fn`` feeds the "callable" reflection backend; ``max_steps_this_run`` stops
+    (with a checkpoint) after that many steps of this invocation (tests, time-sliced runs)."""
+    out = Path(job.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(job, out / "config.yaml")
+    mesh = make_mesh(job.mesh)
+    model, tokenizer = load_model(job.model, job.dtype, job.sampling.max_context_tokens, job.seed)
+    sampler = Sampler(model, tokenizer, job.sampling, mesh)
+    base = sampler.params  # never donated: the frozen weights of mode gepa
+    task = make_task(job.task, **job.task_options)
+    seed_context, original = task.seed_context, task.original_prompt
+    for text in (seed_context, original):  # over-long: fail now, not mid-run
+        sampler.tokenizer.encode_context(text)
+    stream = ProblemStream(task.examples("train", job.data.train_examples, seed=job.data.seed),
+                           job.problems_per_step, job.data.shuffle_seed)
+    score = _scorer(task)
+    cfg = job.learner
+    if job.trains_weights:
+        own = nnx.merge(sampler.graphdef, jax.tree.map(jnp.copy, base))
+        graphdef, state = init_train_state(own, cfg, mesh, job.seed)
+        train_step = make_train_step(graphdef, state, cfg, mesh)
+    else:
+        graphdef, state = sampler.graphdef, {"steps": jnp.zeros((), jnp.int32)}
+    ckpt_dir = Path(job.checkpoint.directory)
+    ckpt = Checkpointer(dataclasses.replace(
+        job.checkpoint, directory=str(ckpt_dir if ckpt_dir.is_absolute() else out / ckpt_dir)))
+    host: dict[str, Any] = {"step": 0, "data": stream.state(), "population": [], "mode": job.mode}
+    restored = ckpt.restore(abstract_target(state))
+    if restored is not None:
+        state, host = restored.state, restored.host
+        if host.get("mode") != job.mode:
+            raise ValueError(f"{ckpt.directory} holds a {host.get('mode')} run; this job is {job.mode}")
+        stream.load_state(host["data"])
+        log.info("resumed at step %d", host["step"])
+    step = host["step"]
+    members = [Member(**m) for m in host["population"]]
+    writers = make_writers(job.logging, out, step, to_dict(job))
+    K, G, T = job.fast.gepa.top_k, job.samples_per_problem, job.fast.every
+    stop = _StopSignal()
+    progress = _progress(job, step)
+    run_start, this_run = time.perf_counter(), 0
+    try:
+        while step < job.steps:
+            seconds: dict[str, float] = {}
+            policy = sampling_weights(state, cfg) if job.trains_weights else base
+            if job.evolves_contexts and (step % T == 0 or not members):
+                progress.set_description("fast (GEPA)")
+                t0 = time.perf_counter()
+                anchor = _unique(ex for batch in stream.peek(T) for ex in batch)
+                seeds = members or [{"context": seed_context}]
+                result = run_gepa_round(
+                    sampler, policy, task, anchor, seeds,
+                    dataclasses.replace(job.fast.gepa, seed=job.fast.gepa.seed + step // T),
+                    policy_step=step, reflection_fn=reflection_fn)
+                members = result.members
+                seconds["fast"] = time.perf_counter() - t0
+                writers.write("gepa", step, _round_record(result, step // T, seconds["fast"]))
+            contexts = ([m.components["context"] for m in fill_slots(members, K)]
+                        if job.evolves_contexts else [original])
+            progress.set_description("rollout")
+            ro = rollout(sampler, policy, stream.next_batch(), contexts, G, score,
+                         seed=(job.seed * 1_000_003 + step) % 2**31, advantage=cfg.advantage)
+            seconds.update(ro.seconds)
+            metrics: dict[str, float] = {}
+            if job.trains_weights:
+                progress.set_description("update")
+                t0 = time.perf_counter()
+                state, m = train_step(state, ro.batch, timings=seconds)
+                metrics = _floats(m)
+                seconds["update"] = time.perf_counter() - t0 - seconds.get("reference", 0.0)
+                if metrics["applied"] == 0:
+                    why = ("no group had reward variance (nothing to learn)" if metrics["tokens"] == 0
+                           else "non-finite loss or gradients")
+                    log.warning("step %d: %s; update skipped (%d so far)", step, why,
+                                int(metrics["skipped"]))
+            record = _step_record(job.mode, ro, metrics, seconds, step // T)
+            writers.write("steps", step, record)
+            step += 1
+            this_run += 1
+            host = {"step": step, "data": stream.state(), "mode": job.mode,
+                    "population": [dataclasses.asdict(m) for m in members]}
+            progress.update(1)
+            progress.set_postfix(reward=f"{record['reward_mean']:.3f}",
+                                 kl=f"{record.get('kl', 0.0):.4f}")
+            last = step == job.steps or stop.requested or this_run == max_steps_this_run
+            if last or ckpt.should_save(step):
+                ckpt.save(step, state, host)
+            if last:
+                break
+    finally:
+        stop.restore()
+        progress.close()
+        ckpt.close()
+        writers.close()
+    return _finish(job, out, step, members, original, graphdef, state, sampler.tokenizer,
+                   time.perf_counter() - run_start)
+
+
+def _scorer(task):
+    def score(examples, completions):
+        return [safe_reward(task, ex, c) for ex, c in zip(examples, completions)]
+    return score
+
+
+def _progress(job: TrainJob, step: int):
+    from tqdm import tqdm
+
+    return tqdm(total=job.steps, initial=step, desc="start", unit="step",
+                disable=not (job.logging.progress and jax.process_index() == 0))
+
+
+def _round_record(result, cycle: int, seconds: float) -> dict[str, Any]:
+    pop = result.optimizer.population
+    agg = pop.aggregate()
+    return {"cycle": cycle, **result.budget.to_dict(), "stop_reason": result.stop_reason,
+            "best_anchor_score": max(agg), "front_size": len(set().union(*pop.fronts())),
+            "population_size": len(pop.members), "anchor_size": len(pop.instance_ids),
+            "seconds": seconds,
+            "contexts": [{"context": m.components["context"], "anchor_score": agg[m.id],
+                          "origin": m.origin, "born_step": m.born_step} for m in result.members]}
+
+
+def _step_record(mode: str, ro, metrics: dict[str, float], seconds: dict[str, float],
+                 cycle: int) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "mode": mode, "cycle": cycle, "reward_mean": float(ro.rewards.mean()),
+        "reward_std": float(ro.rewards.std()), "kept_fraction": ro.kept_fraction(),
+        "completion_tokens": int(ro.lengths.sum()),
+        "truncated_fraction": float(1.0 - ro.finished.mean()),
+        **{f"reward_context_{k}": r for k, r in enumerate(ro.reward_per_context())},
+        **metrics,
+        **{f"seconds_{phase}": s for phase, s in seconds.items()},
+    }
+    record["seconds_total"] = sum(seconds.values())
+    return record
+
+
+def _finish(job, out: Path, step: int, members, original, graphdef, state, tokenizer,
+            wall_s: float) -> dict[str, Any]:
+    """Plots, the kept contexts, the exported weights and ``result.json``."""
+    from fst_jax.metrics import read_jsonl
+
+    rows = read_jsonl(out / "steps.jsonl")
+    last = rows[-job.fast.every:] if rows else []
+    contexts = ([m.components["context"] for m in members] if job.evolves_contexts else
+                [original])
+    summary = {
+        "mode": job.mode, "steps_done": step, "steps": job.steps, "wall_s_this_run": round(wall_s, 1),
+        "reward_mean_last_cycle": float(np.mean([r["reward_mean"] for r in last])) if last else None,
+        "kl_last": rows[-1].get("kl") if rows else None,
+        "seconds_per_phase_last_cycle": {
+            k[len("seconds_"):]: round(sum(r.get(k, 0.0) for r in last), 2)
+            for k in sorted({k for r in last for k in r if k.startswith("seconds_")})},
+        "contexts": contexts,
+    }
+    if jax.process_index() == 0:
+        (out / "contexts.json").write_text(json.dumps(
+            [dataclasses.asdict(m) for m in members] if members else [{"context": original}], indent=2))
+        plot_run(out)
+        if job.export_hf and job.trains_weights and step == job.steps:
+            from fst_jax.models.weights import save_hf_folder
+
+            folder = save_hf_folder(nnx.merge(graphdef, sampling_weights(state, job.learner)), out / "hf")
+            tokenizer.save(folder)
+            summary["hf_folder"] = str(folder)
+        (out / "result.json").write_text(json.dumps(summary, indent=2))
+    return summary

@@ -1,0 +1,78 @@
+"""fst_jax/rollout.py: the group mix, per-problem advantages and the batch layout on a tiny model."""
+
+import numpy as np
+import pytest
+
+from fst_jax.models.configs import tiny
+from fst_jax.models.tokenizer import ByteChatTokenizer
+from fst_jax.models.transformer import init_model
+from fst_jax.rl.advantages import AdvantageConfig
+from fst_jax.rollout import check_group_mix, rollout
+from fst_jax.sampling import Sampler, SamplingConfig
+from fst_jax.tasks import make_task
+
+REWARDS = [1, 0, 0, 0,   1, 1, 0, 1]  # problem 0: rows 0-3, problem 1: rows 4-7 (contexts 0,0,1,1)
+
+
+@pytest.fixture(scope="module")
+def sampler():
+    model = init_model(tiny("llama", vocab_size=ByteChatTokenizer.vocab_size), seed=0)
+    return Sampler(model, ByteChatTokenizer(), SamplingConfig(max_new_tokens=8, prompt_buckets=(128, 256)))
+
+
+def run(sampler, group_by):
+    problems = make_task("arithmetic").examples("train", 2)
+    seen = []
+
+    def score(examples, completions):
+        seen.append([e.id for e in examples])
+        return [(float(r), f"row {i}") for i, r in enumerate(REWARDS)]
+
+    ro = rollout(sampler, sampler.params, problems, ["Be brief.", "Think first."], 4, score, seed=3,
+                 advantage=AdvantageConfig(group_by=group_by, drop_zero_variance=False))
+    return problems, seen, ro
+
+
+def grpo(r):
+    r = np.asarray(r, float)
+    return (r - r.mean()) / (r.std() + 1e-6)
+
+
+def test_every_problem_gets_G_over_K_rollouts_of_each_context_and_rows_are_scored_in_order(sampler):
+    problems, seen, ro = run(sampler, "problem")
+    assert ro.problem_ids.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert ro.context_ids.tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert seen == [[problems[p].id for p in ro.problem_ids]]
+    assert ro.reward_per_context() == [np.mean([1, 0, 1, 1]), np.mean([0, 0, 0, 1])]
+
+
+def test_advantages_are_computed_once_per_problem_across_its_contexts(sampler):
+    _, _, ro = run(sampler, "problem")
+    want = np.concatenate([grpo(REWARDS[:4]), grpo(REWARDS[4:])])
+    np.testing.assert_allclose(np.asarray(ro.batch.advantages), want, atol=1e-5)
+
+
+def test_problem_context_grouping_gives_each_context_its_own_baseline(sampler):
+    _, _, ro = run(sampler, "problem_context")
+    want = np.concatenate([grpo(REWARDS[i:i + 2]) for i in range(0, 8, 2)])
+    np.testing.assert_allclose(np.asarray(ro.batch.advantages), want, atol=1e-5)
+
+
+def test_batch_rows_hold_the_sampled_prompt_and_completion_in_the_samplers_columns(sampler):
+    _, _, ro = run(sampler, "problem")
+    b = ro.batch
+    prompts = sampler.encode([(c, p.prompt) for p in make_task("arithmetic").examples("train", 2)
+                              for c in ["Be brief.", "Think first."]])
+    P = prompts.tokens.shape[1]
+    assert b.tokens.shape == (8, P + 8)  # the sampler's prompt bucket + max_new_tokens
+    for r in range(8):
+        np.testing.assert_array_equal(b.tokens[r, :P], prompts.tokens[r // 2])
+        n = ro.lengths[r]
+        assert b.loss_mask[r, P:P + n].all() and not b.loss_mask[r, P + n:].any()
+        assert sampler.tokenizer.decode(b.tokens[r, P:P + n]) == ro.completions[r]
+
+
+def test_k_must_divide_g():
+    assert check_group_mix(8, 4) == 2
+    with pytest.raises(ValueError, match="do not divide"):
+        check_group_mix(6, 4)

@@ -1,0 +1,206 @@
+"""The FST loop (fst_jax/jobs/train.py) on the smoke config: a tiny random model, byte tokenizer."""
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from fst_jax.config import ConfigError, load_config
+from fst_jax.jobs import train as train_module
+from fst_jax.jobs.train import TrainJob, run_train_job
+from fst_jax.metrics import read_jsonl
+from fst_jax.models.loading import load_model
+from fst_jax.tasks import make_task
+from fst_jax.tasks.arithmetic import ArithmeticTask
+from fst_jax.tasks.base import register_task
+
+SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke_fst.yaml"
+
+
+@register_task("test_coin_arithmetic")
+class CoinArithmetic(ArithmeticTask):
+    """Arithmetic problems whose reward is a deterministic coin of the completion text, so the
+    tiny random policy's groups have reward variance and every step trains."""
+
+    def reward(self, example, completion):
+        return float((len(completion) + sum(map(ord, completion[:3]))) % 2), "coin"
+
+
+def smoke_job(tmp_path, *overrides) -> TrainJob:
+    return load_config(TrainJob, SMOKE, [f"output_dir={tmp_path}", "mesh.data=1", "logging.tensorboard=false",
+                                         "task=test_coin_arithmetic", *overrides])
+
+
+class Spy:
+    """Records the GEPA rounds and rollouts of a run (arguments and results)."""
+
+    def __init__(self, monkeypatch):
+        self.rounds, self.rollouts = [], []
+        real_round, real_rollout = train_module.run_gepa_round, train_module.rollout
+
+        def gepa_round(generator, params, task, anchor, seeds, config, **kw):
+            result = real_round(generator, params, task, anchor, seeds, config, **kw)
+            self.rounds.append({"anchor": [e.id for e in anchor], "seeds": seeds, "kw": kw, "result": result,
+                                "params": jax.tree.map(np.asarray, params)})
+            return result
+
+        def rollout(sampler, params, problems, contexts, *args, **kw):
+            result = real_rollout(sampler, params, problems, contexts, *args, **kw)
+            self.rollouts.append({"problems": [e.id for e in problems], "contexts": list(contexts),
+                                  "params": jax.tree.map(np.asarray, params), "result": result})
+            return result
+
+        monkeypatch.setattr(train_module, "run_gepa_round", gepa_round)
+        monkeypatch.setattr(train_module, "rollout", rollout)
+
+
+@pytest.fixture(scope="module")
+def fst_run(tmp_path_factory):
+    """A 4-step fst run with T = 2, K = 2, G = 4, observed by a Spy."""
+    out = tmp_path_factory.mktemp("fst")
+    with pytest.MonkeyPatch.context() as mp:
+        spy = Spy(mp)
+        summary = run_train_job(smoke_job(out))
+    return out, spy, summary
+
+
+def test_fst_runs_a_gepa_round_every_T_steps_and_trains_the_weights(fst_run):
+    out, spy, summary = fst_run
+    assert [r["kw"]["policy_step"] for r in spy.rounds] == [0, 2]
+    assert [r["step"] for r in read_jsonl(out / "gepa.jsonl")] == [0, 2]
+    steps = read_jsonl(out / "steps.jsonl")
+    assert [r["step"] for r in steps] == [0, 1, 2, 3] and all(r["applied"] == 1 for r in steps)
+    first, last = spy.rollouts[0]["params"], spy.rollouts[-1]["params"]
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(last)))
+    assert summary["steps_done"] == 4 and len(summary["contexts"]) >= 1
+    assert {"reward.png", "kl_vs_reward.png", "contexts.png", "result.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_anchor_set_is_the_problems_of_the_next_T_batches(fst_run):
+    _, spy, _ = fst_run
+    for r, start in zip(spy.rounds, (0, 2)):
+        following = [i for ro in spy.rollouts[start:start + 2] for i in ro["problems"]]
+        assert r["anchor"] == list(dict.fromkeys(following))
+
+
+def test_carried_contexts_are_rescored_under_the_new_policy_step(fst_run):
+    _, spy, _ = fst_run
+    first, second = spy.rounds
+    assert first["seeds"] == [{"context": ArithmeticTask().seed_context}]
+    assert second["seeds"] == first["result"].members  # the previous top-K, as Members
+    population = second["result"].optimizer.population
+    assert population.scored_step == 2
+    carried = [m for m in population.members if m.origin == "carried"]
+    assert len(carried) == len(first["result"].members)
+    # fresh scores: the carried members were scored again on the new anchor set
+    assert population.instance_ids == second["anchor"] != first["anchor"]
+
+
+def test_contexts_are_mixed_G_over_K_inside_every_problem_group(fst_run):
+    _, spy, _ = fst_run
+    for ro in spy.rollouts:
+        res = ro["result"]
+        assert len(ro["contexts"]) == 2
+        for p in np.unique(res.problem_ids):
+            ctx = res.context_ids[res.problem_ids == p]
+            assert sorted(ctx.tolist()) == [0, 0, 1, 1]  # G = 4, K = 2
+        rows = len(res.rewards)
+        np.testing.assert_array_equal(np.asarray(res.batch.group_ids)[:rows], res.problem_ids)
+
+
+def test_rl_mode_never_calls_gepa_and_keeps_the_original_prompt(tmp_path, monkeypatch):
+    spy = Spy(monkeypatch)
+    monkeypatch.setattr(train_module, "run_gepa_round", lambda *a, **k: pytest.fail("GEPA ran in mode rl"))
+    run_train_job(smoke_job(tmp_path, "mode=rl", "steps=2"))
+    assert [ro["contexts"] for ro in spy.rollouts] == [[ArithmeticTask().original_prompt]] * 2
+    assert not (tmp_path / "gepa.jsonl").exists()
+    assert all(r["applied"] == 1 for r in read_jsonl(tmp_path / "steps.jsonl"))
+
+
+def test_gepa_mode_leaves_the_weights_bit_identical(tmp_path, monkeypatch):
+    spy = Spy(monkeypatch)
+    job = smoke_job(tmp_path, "mode=gepa", "steps=3")
+    run_train_job(job)
+    model, _ = load_model(job.model, seed=job.seed)
+    from flax import nnx
+
+    initial = jax.tree.leaves(jax.tree.map(np.asarray, nnx.state(model)))
+    assert len(spy.rounds) == 2 and len(spy.rollouts) == 3
+    for seen in [r["params"] for r in spy.rounds] + [r["params"] for r in spy.rollouts]:
+        for a, b in zip(jax.tree.leaves(seen), initial, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_k_not_dividing_g_and_unknown_mode_are_rejected_naming_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="samples_per_problem must be divisible by fast.gepa.top_k"):
+        smoke_job(tmp_path, "samples_per_problem=6", "fast.gepa.top_k=4")
+    with pytest.raises(ConfigError, match="mode"):
+        smoke_job(tmp_path, "mode=slow")
+    with pytest.raises(ConfigError, match="fast: gepa.max_proposals or gepa.max_seconds"):
+        smoke_job(tmp_path, "fast.gepa.max_proposals=null")
+
+
+def test_unreachable_reflection_endpoint_is_logged_and_the_run_goes_on(tmp_path, caplog):
+    job = smoke_job(tmp_path, "steps=2", "fast.gepa.reflection.backend=openai",
+                    "fast.gepa.reflection.url=http://127.0.0.1:9/v1/chat/completions",
+                    "fast.gepa.reflection.retries=0", "fast.gepa.reflection.timeout_s=2")
+    with caplog.at_level(logging.WARNING):
+        summary = run_train_job(job)
+    assert summary["steps_done"] == 2
+    (round_,) = read_jsonl(tmp_path / "gepa.jsonl")
+    assert round_["skip_reasons"].get("reflection_error", 0) == round_["proposals"] > 0
+    assert "reflection failed" in caplog.text
+
+
+@register_task("test_raising_arithmetic")
+class RaisingArithmetic(ArithmeticTask):
+    """Arithmetic whose reward raises on every other problem."""
+
+    def reward(self, example, completion):
+        if int(example.id.rsplit("-", 1)[1]) % 2:
+            raise RuntimeError("verifier crashed")
+        return super().reward(example, completion)
+
+
+def test_raising_reward_scores_zero_logged_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    spy = Spy(monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        summary = run_train_job(smoke_job(tmp_path, "mode=rl", "steps=2", "task=test_raising_arithmetic"))
+    assert summary["steps_done"] == 2
+    res = spy.rollouts[0]["result"]
+    odd = [i for i, p in enumerate(res.problem_ids) if int(spy.rollouts[0]["problems"][p].rsplit("-", 1)[1]) % 2]
+    assert odd and all(res.rewards[i] == 0 and "verifier crashed" in res.feedbacks[i] for i in odd)
+    assert "verifier crashed" in caplog.text
+
+
+def test_non_finite_step_is_skipped_counted_and_the_run_goes_on(tmp_path, monkeypatch):
+    real = train_module.rollout
+
+    def poisoned(*args, **kw):
+        ro = real(*args, **kw)
+        if kw["seed"] == 1:  # the second step (seed = job seed * 1000003 + step)
+            ro.batch = ro.batch.replace(sampler_logp=np.full_like(ro.batch.sampler_logp, np.nan))
+        return ro
+
+    monkeypatch.setattr(train_module, "rollout", poisoned)
+    run_train_job(smoke_job(tmp_path, "mode=rl", "steps=3", "learner.advantage.drop_zero_variance=false"))
+    steps = read_jsonl(tmp_path / "steps.jsonl")
+    assert [r["applied"] for r in steps] == [1, 0, 1]
+    assert [r["skipped"] for r in steps] == [0, 1, 1]
+
+
+def test_config_round_trips_and_the_run_folder_records_it(fst_run):
+    out, _, _ = fst_run
+    saved = load_config(TrainJob, out / "config.yaml")
+    assert saved == dataclasses.replace(saved, output_dir=str(out))
+    assert json.loads((out / "result.json").read_text())["mode"] == "fst"
+
+
+def test_original_prompt_and_seed_context_come_from_task_options(tmp_path):
+    job = smoke_job(tmp_path, "task_options={original_prompt: 'Solve it.', seed_context: 'Be brief.'}")
+    task = make_task(job.task, **job.task_options)
+    assert (task.original_prompt, task.seed_context) == ("Solve it.", "Be brief.")
