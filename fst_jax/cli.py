@@ -3,6 +3,8 @@
     fst-sample context="You are a careful math tutor." question="What is 17 + 25?" n=4
     fst-gepa --config experiments/gepa_arithmetic.yaml gepa.max_metric_calls=200
     fst-train --config experiments/fst_arithmetic_cpu.yaml mode=rl
+    fst-train --config experiments/codeio_pod.yaml --dry-run
+    fst-compare --config experiments/codeio_cpu.yaml
     fst-plot runs/fst_arithmetic_cpu
     fst-prepare-model
     python -m fst_jax.cli sample --config experiments/sample.yaml sampling.temperature=0.7
@@ -44,15 +46,22 @@ class SampleJob:
 def _load_job(cls, argv, description: str):
     """Parse ``[--config FILE] [key=value ...]`` into a validated ``cls``; None (after printing
     the error) if the config is invalid."""
+    return _load_job_and_flags(cls, argv, description)[0]
+
+
+def _load_job_and_flags(cls, argv, description: str, add_flags=None):
+    """``_load_job`` plus the parsed arguments; ``add_flags(parser)`` adds command flags."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    if add_flags is not None:
+        add_flags(parser)
     args = parser.parse_args(argv)
     try:
-        return load_config(cls, args.config, args.overrides)
+        return load_config(cls, args.config, args.overrides), args
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return None
+        return None, args
 
 
 def _run_reporting_errors(fn, *args) -> int:
@@ -123,19 +132,76 @@ def gepa_main(argv=None) -> int:
     return _run_reporting_errors(run)
 
 
-def train_main(argv=None) -> int:
-    from fst_jax.jobs.train import TrainJob, run_train_job
-
-    job = _load_job(TrainJob, argv, "Fast-Slow Training (mode fst), weights-only RL (rl) or "
-                                    "contexts-only GEPA (gepa); resumes from its checkpoints.")
-    if job is None:
-        return 2
+def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     for noisy in ("absl", "orbax", "jax._src"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
+
+def dry_run_main(job) -> int:
+    """Print the memory dry run of ``job`` on ``job.target``: 0 if it fits, 1 if not."""
+    from fst_jax.dryrun import DryRunError, format_report
+    from fst_jax.jobs.preflight import fits_line, preflight
+
+    def run() -> int:
+        try:
+            report = preflight(job)
+        except DryRunError as e:
+            print(f"dry run: {e}", file=sys.stderr)
+            return 1
+        print(format_report(report))
+        print(fits_line(report))
+        return 0
+
+    return _run_reporting_errors(run)
+
+
+def train_main(argv=None) -> int:
+    from fst_jax.jobs.train import TrainJob, run_train_job
+
+    job, args = _load_job_and_flags(
+        TrainJob, argv, "Fast-Slow Training (mode fst), weights-only RL (rl) or contexts-only GEPA "
+                        "(gepa); resumes from its checkpoints.",
+        lambda p: p.add_argument("--dry-run", action="store_true",
+                                 help="compile the train step for target.devices fake devices, "
+                                      "print bytes per device, exit 1 if over "
+                                      "target.device_memory_gib; trains nothing"))
+    if job is None:
+        return 2
+    if args.dry_run:
+        return dry_run_main(job)
+    _logging()
+
     def run() -> int:
         print(json.dumps(run_train_job(job), indent=2))
+        return 0
+
+    return _run_reporting_errors(run)
+
+
+def compare_main(argv=None) -> int:
+    from fst_jax.jobs.compare import run_compare, write_report
+    from fst_jax.jobs.train import MODES, TrainJob
+
+    def flags(p):
+        p.add_argument("--modes", default=",".join(MODES),
+                       help="comma-separated modes to run, in order (default: rl,gepa,fst)")
+        p.add_argument("--report-only", action="store_true",
+                       help="rebuild <output_dir>/report from the run folders; train nothing")
+
+    job, args = _load_job_and_flags(
+        TrainJob, argv, "Run rl, gepa and fst from one config on the same data and seeds (each in "
+                        "<output_dir>/<mode>, resumable), then write <output_dir>/report.", flags)
+    if job is None:
+        return 2
+    _logging()
+    modes = [m for m in args.modes.split(",") if m]
+
+    def run() -> int:
+        summary = (write_report(job, modes) if args.report_only else run_compare(job, modes))
+        print(f"report: {job.output_dir}/report/summary.md")
+        print(json.dumps({m: {k: n[k] for k in ("steps_done", "final_mean", "max_mean")}
+                          for m, n in summary["per_mode"].items()}, indent=2))
         return 0
 
     return _run_reporting_errors(run)
@@ -167,8 +233,8 @@ def prepare_main(argv=None) -> int:
     return 0
 
 
-COMMANDS = {"sample": sample_main, "gepa": gepa_main, "train": train_main, "plot": plot_main,
-            "prepare-model": prepare_main}
+COMMANDS = {"sample": sample_main, "gepa": gepa_main, "train": train_main, "compare": compare_main,
+            "plot": plot_main, "prepare-model": prepare_main}
 
 
 def main(argv=None) -> int:

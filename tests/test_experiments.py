@@ -1,20 +1,103 @@
-"""Every experiment config in experiments/ loads and validates against its job's dataclass."""
+"""Every experiment config in experiments/ loads and validates against its job's dataclass; the
+paper setups come in cpu and pod sizes with the paper's shapes; the pod configs' dry run fits."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from fst_jax.config import load_config, save_config
+from fst_jax.dryrun import GIB
 from fst_jax.fast.job import GEPAJob
+from fst_jax.jobs.preflight import batch_shape, model_config
+from fst_jax.jobs.train import TrainJob
+from fst_jax.models import configs
+from fst_jax.tasks import make_task
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-JOBS = {"gepa_": GEPAJob}
+SETUPS = ("codeio", "math", "hover_hard", "star_graph", "continual", "plasticity")
+JOBS = {"gepa_": GEPAJob, "smoke_": TrainJob, "fst_": TrainJob,
+        **{f"{setup}_": TrainJob for setup in SETUPS}}
+
+
+def _job_class(path: Path):
+    return next((cls for prefix, cls in JOBS.items() if path.name.startswith(prefix)), None)
+
+
+def _load(name: str) -> TrainJob:
+    return load_config(TrainJob, EXPERIMENTS / name)
 
 
 @pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.yaml")), ids=lambda p: p.name)
 def test_experiment_config_loads_into_its_job_and_round_trips(path, tmp_path):
-    job_cls = next((cls for prefix, cls in JOBS.items() if path.name.startswith(prefix)), None)
+    job_cls = _job_class(path)
     assert job_cls is not None, f"{path.name}: no job registered for its name prefix"
     job = load_config(job_cls, path)
     save_config(job, tmp_path / "saved.yaml")
     assert load_config(job_cls, tmp_path / "saved.yaml") == job
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_each_paper_setup_has_a_cpu_config_on_the_bundled_model_saying_what_it_stands_in_for(setup):
+    path = EXPERIMENTS / f"{setup}_cpu.yaml"
+    job = _load(path.name)
+    text = path.read_text().lower()
+    assert "stand" in text and "paper" in text, f"{path.name} must say which paper task it stands in for"
+    assert job.model in ("smollm2-135m-instruct", "runs/math_cpu/fst/hf")  # plasticity: phase A's weights
+    assert job.eval.every > 0 and job.target.device_memory_gib is None
+    if not job.model.startswith("runs/"):
+        task = make_task(job.task, **job.task_options)  # the task and its options build here
+        assert task.examples("train", 2, seed=job.data.seed)
+
+
+@pytest.mark.parametrize("setup", SETUPS)
+def test_each_paper_setup_has_a_pod_config_with_the_papers_shapes_on_8_devices(setup):
+    job = _load(f"{setup}_pod.yaml")
+    assert (job.problems_per_step, job.samples_per_problem) == (32, 8)
+    assert (job.fast.every, job.fast.gepa.top_k, job.fast.gepa.max_metric_calls) == (6, 4, 960)
+    assert job.learner.kl.beta == 0.001 and job.learner.loss.name == "cispo"
+    assert job.learner.loss.tau == 4.0 and job.learner.optimizer.clip_norm == 0.0
+    assert job.dtype == "bfloat16" and job.target.architecture == "qwen3-8b"
+    assert job.target.devices == job.mesh.data * job.mesh.fsdp * job.mesh.tensor == 8
+    assert model_config(job) == configs.ModelConfig.from_hf(configs.QWEN3_8B.to_hf(), dtype="bfloat16")
+    rows, _ = batch_shape(job)
+    assert rows % (job.learner.micro_batches * job.mesh.fsdp) == 0  # one row per device per micro-batch
+
+
+def test_star_graph_configs_use_reasoning_gyms_path_star():
+    assert _load("star_graph_cpu.yaml").task == _load("star_graph_pod.yaml").task == "rg:path_star"
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "fst_jax.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, timeout=1200)
+
+
+def test_train_dry_run_prints_bytes_and_exits_nonzero_when_the_device_is_too_small():
+    smoke = str(EXPERIMENTS / "smoke_fst.yaml")
+    ok = _cli("train", "--config", smoke, "--dry-run", "target.devices=2", "mesh.fsdp=2",
+              "target.device_memory_gib=1", "target.prompt_tokens=64")
+    assert ok.returncode == 0, ok.stderr
+    assert "fits:" in ok.stdout and "sampler_weights" in ok.stdout and "2 devices" in ok.stdout
+    small = _cli("train", "--config", smoke, "--dry-run", "target.device_memory_gib=0.0001")
+    assert small.returncode == 1 and "over the 0.0001 GiB configured" in small.stderr
+    unset = _cli("train", "--config", smoke, "--dry-run")
+    assert unset.returncode == 1 and "target.device_memory_gib is not set" in unset.stderr
+
+
+def test_codeio_pod_dry_run_fits_an_8_x_h100_node():
+    from fst_jax.jobs.preflight import preflight
+
+    report = preflight(_load("codeio_pod.yaml"))
+    assert report["fits"] and report["num_devices"] == 8
+    assert 8.1e9 < report["num_params"] < 8.3e9
+    b = report["bytes"]
+    # float32 master weights, the KL reference and the sampler's copy each split 8 ways.
+    assert b["weights"] == b["reference"] == b["sampler_weights"]
+    assert b["weights"] == pytest.approx(4 * report["num_params"] / 8, rel=1e-3)
+    assert report["total_bytes"] <= 72 * GIB
+    print(json.dumps({k: round(v / GIB, 2) for k, v in b.items()} | {
+        "total_gib": round(report["total_bytes"] / GIB, 2)}))

@@ -37,6 +37,7 @@ from fst_jax.config import require, save_config, to_dict
 from fst_jax.data import DataConfig, ProblemStream
 from fst_jax.fast.candidates import Member
 from fst_jax.fast.optimizer import GEPAConfig, run_gepa_round
+from fst_jax.jobs.preflight import TargetConfig
 from fst_jax.metrics import LoggingConfig, make_writers
 from fst_jax.models.loading import load_model
 from fst_jax.plots import plot_run
@@ -95,6 +96,7 @@ class TrainJob:
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig(save_every_steps=6)
     logging: LoggingConfig = LoggingConfig()
+    target: TargetConfig = TargetConfig()  # the devices --dry-run checks (fst_jax.jobs.preflight)
 
     def __post_init__(self):
         require(self.steps >= 1 and self.problems_per_step >= 1, "steps and problems_per_step must be >= 1")

@@ -1,0 +1,365 @@
+"""Side-by-side runner: rl, gepa and fst from one ``TrainJob`` config, then one report.
+
+``run_compare(job)`` runs each mode in turn on the same data and seeds (``mode_job``: the
+config with ``mode=<m>``, ``output_dir=<output_dir>/<m>``, ``export_hf=true``), each resumable:
+a finished mode is skipped, an unfinished one continues from its checkpoints, and a mode that
+stops early (SIGTERM, ``max_steps_this_run``) ends the sequence. ``write_report(job)`` then reads
+the run folders and writes ``<output_dir>/report/``:
+
+- ``reward_vs_step.png`` (running max of validation mean@k from ``eval.jsonl``),
+  ``kl_vs_reward.png`` (exact KL to the base model against mean@k), ``training_reward.png``
+  (running mean of the training reward from ``steps.jsonl``), ``sigmoid_fits.png``;
+- the 2x2 table {base, trained weights} x {original, evolved context}, greedy pass@1 on the
+  task's ``eval.num_examples`` test examples: trained = the fst run's ``hf/`` folder, evolved =
+  its best kept context, base = the config's model;
+- the ScaleRL sigmoid fit (A, C_mid, B) of each mode's mean@k against step, the steps each mode
+  needs to reach rl's peak, the KL at matched reward, the OOD scores;
+- ``summary.md`` (every number) and ``summary.json`` (the same, machine-readable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from fst_jax.config import require
+from fst_jax.evaluation import (SigmoidFit, decomposition_2x2, fit_sigmoid, format_2x2, pass_at_1,
+                                plot_metrics, running_max, steps_to_reference_peak)
+from fst_jax.jobs.train import MODES, TrainJob, run_train_job
+from fst_jax.metrics import read_jsonl
+from fst_jax.plots import running_mean
+
+log = logging.getLogger(__name__)
+
+REPORT_DIR = "report"
+
+
+def mode_job(job: TrainJob, mode: str) -> TrainJob:
+    """The run of one mode: its own folder ``<output_dir>/<mode>`` (an absolute
+    ``checkpoint.directory`` gets ``/<mode>`` appended) and ``export_hf`` on (the 2x2 reads the
+    fst run's weights)."""
+    require(mode in MODES, f"mode {mode!r} is not one of {MODES}")
+    ckpt = job.checkpoint
+    if Path(ckpt.directory).is_absolute():
+        ckpt = dataclasses.replace(ckpt, directory=str(Path(ckpt.directory) / mode))
+    return dataclasses.replace(job, mode=mode, output_dir=str(Path(job.output_dir) / mode),
+                               export_hf=True, checkpoint=ckpt)
+
+
+def _finished(job: TrainJob) -> bool:
+    result = Path(job.output_dir) / "result.json"
+    if not result.exists():
+        return False
+    done = json.loads(result.read_text()).get("steps_done") == job.steps
+    return done and (not job.trains_weights or (Path(job.output_dir) / "hf").is_dir())
+
+
+def run_compare(job: TrainJob, modes: Sequence[str] = MODES, *,
+                reflection_fn: Callable[[str], str] | None = None,
+                max_steps_this_run: int | None = None, two_by_two: bool = True
+                ) -> dict[str, Any]:
+    """Run (or resume) ``modes`` in order, then ``write_report``; returns the report summary.
+    ``max_steps_this_run`` bounds each mode's steps in this invocation (time-sliced runs)."""
+    require(job.eval.every > 0, "eval.every must be > 0: the comparison reads each run's eval.jsonl")
+    require(len(modes) > 0 and len(set(modes)) == len(modes) and set(modes) <= set(MODES),
+            f"modes must be distinct names from {MODES}, got {list(modes)}")
+    for mode in modes:
+        sub = mode_job(job, mode)
+        if _finished(sub):
+            log.info("compare: %s already finished (%s)", mode, sub.output_dir)
+            continue
+        log.info("compare: running %s in %s", mode, sub.output_dir)
+        summary = run_train_job(sub, reflection_fn=reflection_fn,
+                                max_steps_this_run=max_steps_this_run)
+        if summary["steps_done"] < sub.steps:
+            log.warning("compare: %s stopped at step %d of %d; rerun the same command to continue",
+                        mode, summary["steps_done"], sub.steps)
+            break
+    return write_report(job, modes, two_by_two=two_by_two)
+
+
+# -- reading runs -------------------------------------------------------------------------
+@dataclasses.dataclass
+class Run:
+    """One mode's run folder, as read: ``steps``/``eval``/``gepa`` JSONL rows, ``result.json``
+    (None while unfinished) and the kept contexts (best first)."""
+
+    mode: str
+    folder: Path
+    steps: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    gepa: list[dict[str, Any]]
+    result: dict[str, Any] | None
+    contexts: list[str]
+
+    @classmethod
+    def read(cls, folder: str | Path, mode: str) -> "Run":
+        folder = Path(folder)
+        result = folder / "result.json"
+        ctx_file = folder / "contexts.json"
+        contexts = []
+        if ctx_file.exists():
+            for m in json.loads(ctx_file.read_text()):
+                contexts.append(m["components"]["context"] if "components" in m else m["context"])
+        return cls(mode, folder, read_jsonl(folder / "steps.jsonl"), read_jsonl(folder / "eval.jsonl"),
+                   read_jsonl(folder / "gepa.jsonl"),
+                   json.loads(result.read_text()) if result.exists() else None, contexts)
+
+    def curve(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of ``key`` over the evaluations that logged it."""
+        pts = sorted((r["step"], float(r[key])) for r in self.eval if r.get(key) is not None)
+        return [s for s, _ in pts], [v for _, v in pts]
+
+
+def mean_key(runs: Mapping[str, Run]) -> str:
+    """The ``eval/mean@k`` key the runs logged (one k for all)."""
+    keys = {k for run in runs.values() for r in run.eval for k in r
+            if k.startswith("eval/mean@") and k[len("eval/mean@"):].isdigit()}
+    if len(keys) != 1:
+        raise ValueError(f"expected one eval/mean@k key across the runs, found {sorted(keys)} "
+                         "(did every run evaluate, with the same eval.k?)")
+    return keys.pop()
+
+
+def kl_at_matched_reward(runs: Mapping[str, Run], key: str) -> dict[str, Any]:
+    """KL to the base model at the highest mean@k that every weight-training run reached: for
+    each such run, ``eval/kl_to_base`` at its first evaluation with mean@k >= that level."""
+    curves = {m: [(r["step"], float(r[key]), float(r["eval/kl_to_base"])) for r in run.eval
+                  if r.get(key) is not None and r.get("eval/kl_to_base") is not None]
+              for m, run in runs.items() if m in ("rl", "fst")}
+    curves = {m: sorted(c) for m, c in curves.items() if c}
+    if not curves:
+        return {"reward": None, "kl": {}, "step": {}}
+    level = min(max(v for _, v, _ in c) for c in curves.values())
+    first = {m: next(p for p in c if p[1] >= level) for m, c in curves.items()}
+    return {"reward": level, "kl": {m: p[2] for m, p in first.items()},
+            "step": {m: p[0] for m, p in first.items()}}
+
+
+# -- the 2x2 ------------------------------------------------------------------------------
+def two_by_two_table(job: TrainJob, fst_run: str | Path) -> dict[str, Any]:
+    """Greedy pass@1 of {base, trained} weights x {original, evolved} context on the task's
+    ``eval.num_examples`` test examples (``eval.seed``): base = ``job.model``, trained =
+    ``<fst_run>/hf``, evolved = the run's best kept context, original = the task's original
+    prompt. Returns ``{"table": {"base/original": ..}, "contexts": {...}, "examples": n}``."""
+    from flax import nnx
+
+    from fst_jax.models.loading import load_model
+    from fst_jax.models.weights import load_hf_folder
+    from fst_jax.sampling import Sampler
+    from fst_jax.sharding import make_mesh, shard_state
+    from fst_jax.tasks import make_task, safe_reward
+
+    run = Run.read(fst_run, "fst")
+    hf = run.folder / "hf"
+    if not hf.is_dir() or not run.contexts:
+        raise FileNotFoundError(f"{run.folder} has no finished fst run (hf/ and contexts.json)")
+    mesh = make_mesh(job.mesh)
+    model, tokenizer = load_model(job.model, job.dtype, job.sampling.max_context_tokens, job.seed)
+    sampler = Sampler(model, tokenizer, job.sampling, mesh)
+    _, trained_model = load_hf_folder(hf, dtype=job.dtype)
+    trained = shard_state(nnx.state(trained_model), mesh)
+    task = make_task(job.task, **job.task_options)
+    examples = task.examples("test", job.eval.num_examples, seed=job.eval.seed)
+
+    def accuracy(weights, context: str) -> float:
+        texts = sampler.generate_text(weights, [(context, ex.prompt) for ex in examples], n=1,
+                                      seed=job.eval.seed, temperature=0.0,
+                                      max_new_tokens=job.eval.max_new_tokens)
+        return pass_at_1([safe_reward(task, ex, t[0])[0] for ex, t in zip(examples, texts)])
+
+    original, evolved = task.original_prompt, run.contexts[0]
+    return {"table": decomposition_2x2(accuracy, sampler.params, trained, original, evolved),
+            "contexts": {"original": original, "evolved": evolved}, "examples": len(examples)}
+
+
+# -- the report ---------------------------------------------------------------------------
+def _fit(steps: Sequence[int], values: Sequence[float]) -> dict[str, Any]:
+    try:
+        f: SigmoidFit = fit_sigmoid(steps, values)
+    except ValueError as e:  # too few points, or a curve the form cannot take
+        return {"error": str(e)}
+    return dataclasses.asdict(f)
+
+
+def _mode_numbers(run: Run, key: str) -> dict[str, Any]:
+    k_pass = "eval/pass@1"
+    last = run.eval[-1] if run.eval else {}
+    steps, vals = run.curve(key)
+    ood = {k: v for k, v in last.items() if k.startswith("eval/ood/")}
+    tail = run.steps[-6:]
+    return {
+        "steps_done": run.steps[-1]["step"] + 1 if run.steps else 0,
+        "finished": run.result is not None and run.result.get("steps_done") == run.result.get("steps"),
+        "evaluations": len(steps),
+        "final_mean": vals[-1] if vals else None,
+        "max_mean": running_max(vals)[-1] if vals else None,
+        "final_pass@1": last.get(k_pass),
+        "max_pass@1": max((r[k_pass] for r in run.eval if r.get(k_pass) is not None), default=None),
+        "final_kl_to_base": last.get("eval/kl_to_base"),
+        "train_reward_last_steps": float(np.mean([r["reward_mean"] for r in tail])) if tail else None,
+        "ood": ood,
+        "sigmoid": _fit(steps, vals),
+    }
+
+
+def _plot_training_reward(runs: Mapping[str, Run], path: Path, window: int = 6) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for mode, run in runs.items():
+        if run.steps:
+            ax.plot([r["step"] for r in run.steps],
+                    running_mean([r["reward_mean"] for r in run.steps], window), label=mode)
+    ax.set(xlabel="RL step", ylabel=f"training reward (running mean of {window})",
+           title="Training reward")
+    ax.legend()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _plot_fits(runs: Mapping[str, Run], fits: Mapping[str, dict], key: str, path: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    for i, (mode, run) in enumerate(runs.items()):
+        steps, vals = run.curve(key)
+        if not steps:
+            continue
+        color = f"C{i}"
+        ax.scatter(steps, vals, s=12, color=color, label=f"{mode} ({key})")
+        fit = fits.get(mode, {})
+        if "A" in fit:
+            grid = np.linspace(min(steps), max(steps), 200)
+            curve = SigmoidFit(**fit).predict(grid)
+            ax.plot(grid, curve, color=color, lw=1.5,
+                    label=f"{mode} fit A={fit['A']:.3f} C_mid={fit['C_mid']:.0f} B={fit['B']:.2f}")
+    ax.set(xlabel="RL step", ylabel=key, title="Sigmoid fits (ScaleRL form)")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _num(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.{digits}f}"
+    return str(v)
+
+
+def _markdown(summary: dict[str, Any]) -> str:
+    key, modes = summary["reward_key"], summary["modes"]
+    lines = [f"# Comparison: {summary['task']} on {summary['model']}", "",
+             f"Modes {', '.join(modes)}; {summary['steps']} RL steps, {summary['problems_per_step']} "
+             f"problems x {summary['samples_per_problem']} samples per step; validation {key} on "
+             f"{summary['eval_examples']} test examples every {summary['eval_every']} steps.", "",
+             "## Per mode", "",
+             "| mode | steps done | final " + key + " | max " + key + " | final pass@1 | max pass@1 "
+             "| final KL to base | train reward (last 6 steps) |", "|---|---|---|---|---|---|---|---|"]
+    for m, n in summary["per_mode"].items():
+        lines.append(f"| {m} | {n['steps_done']}{'' if n['finished'] else ' (unfinished)'} | "
+                     f"{_num(n['final_mean'])} | {_num(n['max_mean'])} | {_num(n['final_pass@1'])} | "
+                     f"{_num(n['max_pass@1'])} | {_num(n['final_kl_to_base'], 6)} | "
+                     f"{_num(n['train_reward_last_steps'])} |")
+    lines += ["", f"## Sigmoid fits of {key} against step", "",
+              "R - R0 = (A - R0) / (1 + (C_mid / C)^B), least squares (`fst_jax.evaluation.fit_sigmoid`).", "",
+              "| mode | A | C_mid | B | R0 | rmse | points |", "|---|---|---|---|---|---|---|"]
+    for m, n in summary["per_mode"].items():
+        f = n["sigmoid"]
+        if "A" in f:
+            lines.append(f"| {m} | {_num(f['A'])} | {_num(f['C_mid'], 1)} | {_num(f['B'], 3)} | "
+                         f"{_num(f['R0'])} | {_num(f['rmse'])} | {f['points']} |")
+        else:
+            lines.append(f"| {m} | no fit: {f['error']} | | | | | |")
+    peak = summary["steps_to_rl_peak"]
+    lines += ["", "## Steps to reach rl's peak " + key, ""]
+    if peak is None:
+        lines.append("No rl run with evaluations.")
+    else:
+        lines.append(f"rl's peak (running max): {_num(peak['peak'])}.")
+        lines += ["", "| mode | first step at or above it |", "|---|---|"]
+        lines += [f"| {m} | {_num(s) if s is not None else 'never'} |" for m, s in peak["steps"].items()]
+    kl = summary["kl_at_matched_reward"]
+    lines += ["", "## KL to the base model at matched reward", ""]
+    if kl["reward"] is None:
+        lines.append("No weight-training run logged eval/kl_to_base.")
+    else:
+        lines.append(f"Highest {key} that every weight-training run reached: {_num(kl['reward'])}.")
+        lines += ["", "| mode | step | KL(pi_theta \\|\\| pi_base) per token |", "|---|---|---|"]
+        lines += [f"| {m} | {kl['step'][m]} | {_num(v, 6)} |" for m, v in kl["kl"].items()]
+    lines += ["", "## 2x2: weights x context (greedy pass@1)", ""]
+    tbt = summary["two_by_two"]
+    if "table" in tbt:
+        lines += [f"On {tbt['examples']} test examples; trained = the fst run's weights, evolved = "
+                  "its best kept context.", "", format_2x2(tbt["table"]), "",
+                  "Evolved context:", "", "```", tbt["contexts"]["evolved"], "```"]
+    else:
+        lines.append(f"Not computed: {tbt['skipped']}")
+    ood = {m: n["ood"] for m, n in summary["per_mode"].items() if n["ood"]}
+    lines += ["", "## Out-of-distribution tasks (original prompt, last evaluation)", ""]
+    if ood:
+        keys = sorted({k for v in ood.values() for k in v})
+        lines += ["| mode | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        lines += [f"| {m} | " + " | ".join(_num(v.get(k)) for k in keys) + " |" for m, v in ood.items()]
+    else:
+        lines.append("None configured (eval.ood_tasks).")
+    fst = summary["contexts_kept"].get("fst") or summary["contexts_kept"].get("gepa")
+    if fst:
+        lines += ["", "## Contexts kept (best first)", ""]
+        for mode, ctxs in summary["contexts_kept"].items():
+            for i, c in enumerate(ctxs):
+                lines += [f"{mode} #{i}:", "", "```", c, "```", ""]
+    lines += ["", "## Figures", ""] + [f"![{p}]({p})" for p in summary["figures"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(job: TrainJob, modes: Sequence[str] = MODES, *, two_by_two: bool = True
+                 ) -> dict[str, Any]:
+    """Read ``<output_dir>/<mode>`` for each mode and write ``<output_dir>/report/`` (see the
+    module doc); returns the summary (also ``summary.json``). Modes without a run folder are
+    left out; the 2x2 is skipped (with the reason in the summary) when the fst run has not
+    finished or ``two_by_two`` is false."""
+    root = Path(job.output_dir)
+    runs = {m: Run.read(root / m, m) for m in modes if (root / m / "steps.jsonl").exists()}
+    if not runs:
+        raise FileNotFoundError(f"no run folders under {root} for modes {list(modes)}")
+    key = mean_key(runs)
+    out = root / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    per_mode = {m: _mode_numbers(run, key) for m, run in runs.items()}
+    curves = {m: run.curve(key) for m, run in runs.items() if run.curve(key)[0]}
+    peak = None
+    if "rl" in curves:
+        peak = {"peak": max(curves["rl"][1]), "steps": steps_to_reference_peak(curves, "rl")}
+    if not two_by_two:
+        tbt: dict[str, Any] = {"skipped": "turned off"}
+    elif "fst" not in runs or not per_mode["fst"]["finished"]:
+        tbt = {"skipped": "no finished fst run"}
+    else:
+        tbt = two_by_two_table(job, root / "fst")
+    rows = [r for run in runs.values() for r in run.eval]
+    figures = [p.name for p in plot_metrics(rows, out, key)]
+    figures.append(_plot_training_reward(runs, out / "training_reward.png").name)
+    figures.append(_plot_fits(runs, {m: n["sigmoid"] for m, n in per_mode.items()}, key,
+                              out / "sigmoid_fits.png").name)
+    summary = {
+        "task": job.task, "model": job.model, "steps": job.steps, "modes": list(runs),
+        "problems_per_step": job.problems_per_step, "samples_per_problem": job.samples_per_problem,
+        "eval_examples": job.eval.num_examples, "eval_every": job.eval.every, "reward_key": key,
+        "per_mode": per_mode, "steps_to_rl_peak": peak,
+        "kl_at_matched_reward": kl_at_matched_reward(runs, key), "two_by_two": tbt,
+        "contexts_kept": {m: run.contexts for m, run in runs.items() if m != "rl" and run.contexts},
+        "figures": figures,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(_markdown(summary))
+    return summary

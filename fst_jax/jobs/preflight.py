@@ -1,0 +1,117 @@
+"""Preflight: the memory dry run of a ``TrainJob`` on its target devices (``fst-train --dry-run``).
+
+``TargetConfig`` (the job's ``target`` field) says what the run will be launched on: ``devices``
+(how many accelerators the mesh spans: 8 for 8 x H100, 32 for a TPU v5p-64 slice) and
+``device_memory_gib`` (memory per device the job may use), and optionally ``architecture``, a
+preset name from ``ARCHITECTURES`` for when the model folder is not on this machine.
+
+``preflight(job)`` runs ``fst_jax.dryrun.dry_run`` on the job's model, learner and mesh for one
+train batch of ``problems_per_step * samples_per_problem`` rows of ``target.prompt_tokens``
+(default: the largest prompt bucket) ``+ max_new_tokens`` tokens, adds the sampler's copy of the
+base weights that the loop holds beside the train state (``sampler_weights``), and raises
+``DryRunError`` when the total exceeds ``device_memory_gib``. The sampler's KV cache is not
+counted (it lives only while sampling, when the train step's temporaries do not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from fst_jax.config import ConfigError, require, require_in_registry
+from fst_jax.dryrun import check_fits, dry_run
+from fst_jax.models import configs
+from fst_jax.models.configs import ModelConfig
+
+ARCHITECTURES: dict[str, ModelConfig] = {"qwen3-8b": configs.QWEN3_8B,
+                                         "smollm2-135m": configs.SMOLLM2_135M}
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetConfig:
+    """The devices a run is meant for (read by ``--dry-run`` only): ``devices`` accelerators
+    of ``device_memory_gib`` each (None: not stated, a dry run refuses); ``architecture``: a name
+    in ``ARCHITECTURES`` used instead of reading the model folder's config.json;
+    ``prompt_tokens``: the longest ``[context | task]`` prompt of a train row (None: the largest
+    of ``sampling.prompt_buckets``, which may be far longer when a bucket exists only for GEPA's
+    reflection prompts)."""
+
+    devices: int = 1
+    device_memory_gib: float | None = None
+    architecture: str | None = None
+    prompt_tokens: int | None = None
+
+    def __post_init__(self):
+        require(self.devices >= 1, "devices must be >= 1")
+        require(self.device_memory_gib is None or self.device_memory_gib > 0,
+                "device_memory_gib must be positive")
+        require(self.prompt_tokens is None or self.prompt_tokens >= 1, "prompt_tokens must be >= 1")
+        if self.architecture is not None:
+            require_in_registry(self.architecture, ARCHITECTURES, "architecture")
+
+
+def model_config(job) -> ModelConfig:
+    """The architecture ``job`` would train, with the numerics its loader applies
+    (``dtype`` = ``job.dtype``, float32 storage, no remat: what ``load_model`` builds)."""
+    from fst_jax.models.loading import TINY_PREFIX
+    from fst_jax.models.tokenizer import ByteChatTokenizer
+
+    if job.target.architecture is not None:
+        return ModelConfig.from_hf(ARCHITECTURES[job.target.architecture].to_hf(), dtype=job.dtype)
+    if job.model.startswith(TINY_PREFIX):
+        return configs.tiny(job.model[len(TINY_PREFIX):], vocab_size=ByteChatTokenizer.vocab_size,
+                            dtype=job.dtype)
+    from fst_jax.models.bundled import SMOLLM2_NAME
+
+    if job.model.lower() == SMOLLM2_NAME:
+        return configs.SMOLLM2_135M.replace(dtype=job.dtype)
+    cfg = Path(job.model).expanduser() / "config.json"
+    if not cfg.exists():
+        raise ConfigError(f"model {job.model!r}: no {cfg} on this machine; set target.architecture "
+                          f"to one of {sorted(ARCHITECTURES)} to dry-run without the weights")
+    return ModelConfig.from_hf(json.loads(cfg.read_text()), dtype=job.dtype)
+
+
+def batch_shape(job) -> tuple[int, int]:
+    """(rows, tokens) of the largest train batch the loop builds for ``job``."""
+    s, prompt = job.sampling, job.target.prompt_tokens
+    return (job.problems_per_step * job.samples_per_problem,
+            (max(s.prompt_buckets) if prompt is None else prompt) + s.max_new_tokens)
+
+
+def preflight(job, timeout_s: float = 900.0) -> dict[str, Any]:
+    """The dry-run report of ``job`` on ``job.target`` (see the module doc). Raises
+    ``ConfigError`` when ``target.device_memory_gib`` is not set, ``DryRunError`` when the
+    run does not fit (or the compile fails)."""
+    t = job.target
+    if t.device_memory_gib is None:
+        raise ConfigError("target.device_memory_gib is not set: say how much memory each of the "
+                          "target's devices has (e.g. target.device_memory_gib=72 for an H100 at "
+                          "XLA's 90% memory fraction)")
+    rows, tokens = batch_shape(job)
+    report = dry_run(model_config(job), job.learner, job.mesh, t.devices, rows, tokens,
+                     t.device_memory_gib, timeout_s=timeout_s)
+    # The loop keeps the sampler's base weights (frozen policy of mode gepa, KL and 2x2 base)
+    # beside the train state: as many bytes per device as the weights, sharded the same way.
+    base = report["bytes"]["weights"] if job.trains_weights else 0
+    report["bytes"] = {**report["bytes"], "sampler_weights": base}
+    report["total_bytes"] += base
+    report["batch_shape"] = [rows, tokens]
+    if not job.trains_weights:
+        report["note"] = f"mode {job.mode} trains no weights: the train step is never run"
+    return check_fits(report, t.device_memory_gib)
+
+
+def gib(n: int) -> float:
+    return n / 1024 ** 3
+
+
+def fits_line(report: dict[str, Any]) -> str:
+    """One line: the verdict with total and limit in GiB."""
+    verdict = "fits" if report["fits"] else "does NOT fit"
+    return (f"{verdict}: {gib(report['total_bytes']):.2f} GiB of {gib(report['device_memory_bytes']):.2f} "
+            f"GiB per device, {report['num_devices']} devices, batch {report['batch_shape'][0]} x "
+            f"{report['batch_shape'][1]} tokens, {report['num_params'] / 1e9:.3g}B parameters")
+

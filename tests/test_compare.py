@@ -1,0 +1,110 @@
+"""The side-by-side runner: per-mode jobs, the report's numbers on hand-made run folders, and one
+end-to-end comparison of rl, gepa and fst on the tiny smoke config, resumed across a stop."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fst_jax.config import ConfigError, load_config
+from fst_jax.evaluation import sigmoid_curve
+from fst_jax.jobs.compare import Run, kl_at_matched_reward, mode_job, run_compare, write_report
+from fst_jax.jobs.train import TrainJob
+
+SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke_fst.yaml"
+
+
+def _write_run(folder: Path, mode: str, steps, means, kls, reward=0.5, finished=True):
+    folder.mkdir(parents=True)
+    with open(folder / "steps.jsonl", "w") as f:
+        for s in range(max(steps)):
+            f.write(json.dumps({"step": s, "mode": mode, "reward_mean": reward}) + "\n")
+    with open(folder / "eval.jsonl", "w") as f:
+        for s, m, k in zip(steps, means, kls):
+            f.write(json.dumps({"step": s, "mode": mode, "eval/mean@4": m, "eval/pass@1": m / 2,
+                                "eval/kl_to_base": k, "eval/ood/arithmetic/mean@4": 0.1}) + "\n")
+    if finished:
+        (folder / "result.json").write_text(json.dumps({"steps_done": max(steps), "steps": max(steps)}))
+    if mode != "rl":
+        (folder / "contexts.json").write_text(json.dumps(
+            [{"id": 0, "components": {"context": f"best {mode} context"}}]))
+
+
+def test_mode_job_gives_each_mode_its_own_folder_checkpoints_and_exported_weights(tmp_path):
+    job = load_config(TrainJob, SMOKE, [f"output_dir={tmp_path}/cmp",
+                                        f"checkpoint.directory={tmp_path}/ckpt"])
+    sub = mode_job(job, "rl")
+    assert (sub.mode, sub.output_dir, sub.export_hf) == ("rl", f"{tmp_path}/cmp/rl", True)
+    assert sub.checkpoint.directory == f"{tmp_path}/ckpt/rl"
+    relative = load_config(TrainJob, SMOKE, ["checkpoint.directory=checkpoints"])
+    assert mode_job(relative, "gepa").checkpoint.directory == "checkpoints"  # inside output_dir/gepa
+    with pytest.raises(ConfigError, match="not one of"):
+        mode_job(job, "sft")
+
+
+def test_run_compare_refuses_a_config_without_evaluations(tmp_path):
+    job = load_config(TrainJob, SMOKE, [f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="eval.every must be > 0"):
+        run_compare(job)
+
+
+def test_kl_at_matched_reward_takes_the_highest_reward_both_weight_runs_reached(tmp_path):
+    _write_run(tmp_path / "rl", "rl", [0, 10, 20, 30], [0.1, 0.3, 0.4, 0.35], [0.0, 0.02, 0.05, 0.07])
+    _write_run(tmp_path / "fst", "fst", [0, 10, 20, 30], [0.1, 0.45, 0.5, 0.6], [0.0, 0.01, 0.015, 0.02])
+    runs = {m: Run.read(tmp_path / m, m) for m in ("rl", "fst")}
+    out = kl_at_matched_reward(runs, "eval/mean@4")
+    # rl peaked at 0.4: rl first reached it at step 20 (KL 0.05), fst at step 10 (KL 0.01).
+    assert out == {"reward": 0.4, "kl": {"rl": 0.05, "fst": 0.01}, "step": {"rl": 20, "fst": 10}}
+
+
+def test_report_on_hand_made_runs_has_peak_steps_fits_ood_and_figures(tmp_path):
+    steps = list(range(0, 101, 10))
+    rl = sigmoid_curve(steps, 0.4, 40.0, 2.0, 0.1).tolist()
+    fst = sigmoid_curve(steps, 0.6, 20.0, 2.0, 0.1).tolist()
+    _write_run(tmp_path / "rl", "rl", steps, rl, np.linspace(0, 0.1, len(steps)))
+    _write_run(tmp_path / "gepa", "gepa", steps, [0.1] * len(steps), [0.0] * len(steps))
+    _write_run(tmp_path / "fst", "fst", steps, fst, np.linspace(0, 0.05, len(steps)), finished=False)
+    job = load_config(TrainJob, SMOKE, [f"output_dir={tmp_path}", "eval.every=10", "eval.k=4"])
+    summary = write_report(job)
+    n = summary["per_mode"]
+    assert n["rl"]["sigmoid"]["A"] == pytest.approx(0.4, abs=0.01)
+    assert n["fst"]["sigmoid"]["A"] == pytest.approx(0.6, abs=0.01)
+    assert n["rl"]["max_mean"] == pytest.approx(max(rl)) and n["fst"]["finished"] is False
+    peak = summary["steps_to_rl_peak"]
+    assert peak["peak"] == pytest.approx(max(rl))
+    assert peak["steps"]["rl"] == 100 and peak["steps"]["fst"] < 100 and peak["steps"]["gepa"] is None
+    assert n["gepa"]["ood"] == {"eval/ood/arithmetic/mean@4": 0.1}
+    assert summary["two_by_two"] == {"skipped": "no finished fst run"}
+    report = tmp_path / "report"
+    for fig in ("reward_vs_step.png", "kl_vs_reward.png", "training_reward.png", "sigmoid_fits.png"):
+        assert (report / fig).stat().st_size > 0 and fig in summary["figures"]
+    md = (report / "summary.md").read_text()
+    assert f"{n['fst']['sigmoid']['A']:.4f}" in md and "best fst context" in md and "never" in md
+    assert json.loads((report / "summary.json").read_text()) == json.loads(json.dumps(summary))
+
+
+def test_compare_runs_rl_gepa_fst_on_the_smoke_config_resumes_and_reports_the_2x2(tmp_path):
+    job = load_config(TrainJob, SMOKE, [
+        f"output_dir={tmp_path}", "steps=3", "eval.every=1", "eval.num_examples=2", "eval.k=1",
+        "eval.ood_tasks=[codeio]", "fast.gepa.max_metric_calls=8", "fast.gepa.max_proposals=1",
+        "checkpoint.save_every_steps=1"])
+    first = run_compare(job, max_steps_this_run=2)  # rl stops after 2 of 3 steps: the sequence ends
+    assert first["modes"] == ["rl"] and first["per_mode"]["rl"]["steps_done"] == 2
+    assert not (tmp_path / "gepa").exists()
+    summary = run_compare(job)  # rl resumes at step 2, then gepa and fst run
+    assert summary["modes"] == ["rl", "gepa", "fst"]
+    for mode in ("rl", "gepa", "fst"):
+        run = Run.read(tmp_path / mode, mode)
+        assert [r["step"] for r in run.steps] == [0, 1, 2]
+        assert [r["step"] for r in run.eval] == [0, 1, 2, 3]
+        assert summary["per_mode"][mode]["finished"]
+        assert "A" in summary["per_mode"][mode]["sigmoid"] or "error" in summary["per_mode"][mode]["sigmoid"]
+    assert summary["per_mode"]["gepa"]["final_kl_to_base"] == pytest.approx(0.0, abs=1e-6)
+    assert "eval/ood/codeio/mean@1" in summary["per_mode"]["fst"]["ood"]
+    table = summary["two_by_two"]["table"]
+    assert set(table) == {"base/original", "base/evolved", "trained/original", "trained/evolved"}
+    assert all(0.0 <= v <= 1.0 for v in table.values()) and summary["two_by_two"]["examples"] == 2
+    fst_ctx = json.loads((tmp_path / "fst" / "contexts.json").read_text())[0]["components"]["context"]
+    assert summary["two_by_two"]["contexts"]["evolved"] == fst_ctx
+    assert (tmp_path / "report" / "summary.md").exists()
