@@ -179,7 +179,8 @@ class GEPAOptimizer:
             d.record["parent_scores"] = result.scores
         self._reflect(drafts)
         scoring = [d for d in drafts if d.child is not None]
-        for d, result in zip(scoring, self.evaluator.evaluate_pairs([(d.child, d.batch) for d in scoring]), strict=True):
+        child_evals = self.evaluator.evaluate_pairs([(d.child, d.batch) for d in scoring])
+        for d, result in zip(scoring, child_evals, strict=True):
             d.calls += result.metric_calls
             d.record["child_scores"] = d.child_scores = result.scores
         accepted: list[_Draft] = []
@@ -343,16 +344,17 @@ def run_gepa_round(generator: TextGenerator, params: Any, task: Task, anchor: Se
                    seeds: Sequence[Candidate | Member], config: GEPAConfig = GEPAConfig(), *,
                    policy_step: int = 0, reflection_lm: ReflectionLM | None = None,
                    reflection_fn: Callable[[str], str] | None = None,
-                   state_path: str | Path | None = None) -> RoundResult:
+                   state_path: str | Path | None = None, scorer: RewardPool | None = None) -> RoundResult:
     """One GEPA round against frozen ``params`` at ``policy_step``.
 
     ``seeds`` are plain candidates or Members carried from the previous round (re-scored here).
     The reflection LM is ``reflection_lm`` if given, else built from ``config.reflection``
     (``reflection_fn`` feeds the "callable" backend; "policy" uses ``generator`` with ``params``).
     With ``state_path``, an existing state file is resumed and the state is saved after
-    every step (of ``config.parallel_proposals`` proposals).
+    every step (of ``config.parallel_proposals`` proposals). ``scorer`` scores the rollouts
+    (default: serially in-process).
     """
-    evaluator = SamplerEvaluator(generator, task, config.eval, params, policy_step)
+    evaluator = SamplerEvaluator(generator, task, config.eval, params, policy_step, scorer)
     if reflection_lm is None:
         reflection_lm = make_reflection_lm(config.reflection, generator=generator, params_fn=lambda: evaluator.params,
                                            count_tokens=evaluator.count_tokens, fn=reflection_fn)
