@@ -11,7 +11,8 @@ split when the SHA-256 of its question text falls below ``test_fraction``, so a 
 never be in both splits, whatever the seeds; repeats within a list are skipped.
 Answer: ``fst_jax.tasks.answers.extract_answer`` (``<answer>`` tags, then boxed, ``####``,
 "answer is", then the last line), scored by the generator's own ``score_answer``; the score is
-binarised (1 only for full credit) unless ``partial_credit``. Feedback names the right answer and
+binarised (1 only for full credit) unless ``partial_credit`` (for ``codeio`` full credit is
+JSON equality, computed directly: the generator's scorer can take seconds per call). Feedback names the right answer and
 what was wrong: no answer, unmarked format, wrong value, plus task-specific detail for
 ``path_star`` (first step that is not an edge), ``knights_knaves`` (people labelled wrongly) and
 ``codeio`` (invalid JSON, or the fields that differ from the expected value).
@@ -141,7 +142,8 @@ class ReasoningGymTask:
         got = extract_answer(completion)
         if got.text is None:
             return 0.0, f"No answer found: the reply is empty. {right} {format_hint(example.answer)}"
-        raw = float(self._scorer.score_answer(got.text, example.metadata["entry"]))
+        exact = None if self.partial_credit else FULL_CREDIT.get(self.generator)
+        raw = float(exact(got.text, example.answer) if exact else self._scorer.score_answer(got.text, example.metadata["entry"]))
         full = raw >= 1.0 - 1e-9
         score = raw if self.partial_credit else float(full)
         fmt = "" if got.marked else f" Your answer was not marked, so the last line was taken. {format_hint(example.answer)}"
@@ -199,6 +201,17 @@ def _codeio_detail(answer: str, example: Example) -> str:
     diffs = json_diff(got, json.loads(example.answer))
     return ("Differences: " + "; ".join(diffs[:5]) + ".") if diffs else ""
 
+
+def _json_equal(answer: str, reference: str) -> bool:
+    try:
+        return json.loads(answer) == json.loads(reference)
+    except ValueError:
+        return False
+
+
+# Binary-mode scorers replacing the generator's where its partial credit is costly: codeio's
+# JSON tree edit distance takes over 10 s on some large outputs; full credit there is JSON equality.
+FULL_CREDIT: dict[str, Callable[[str, str], bool]] = {"codeio": _json_equal}
 
 DETAILS: dict[str, Callable[[str, Example], str]] = {
     "path_star": _path_star_detail,

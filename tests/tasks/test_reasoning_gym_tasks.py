@@ -98,3 +98,10 @@ def test_generator_options_pass_through_and_bad_ones_raise():
         make_task("rg:path_star", no_such_option=1)
     with pytest.raises(ConfigError):
         make_task("rg:path_star", seed=3)
+
+
+def test_codeio_full_credit_is_json_equality_whatever_the_spacing():
+    task = make_task("rg:codeio")
+    ex = task.examples("train", 1)[0]
+    respaced = json.dumps(json.loads(ex.answer), indent=2)
+    assert task.reward(ex, f"<answer>{respaced}</answer>")[0] == 1.0
