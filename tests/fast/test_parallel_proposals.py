@@ -1,12 +1,18 @@
 """Parallel GEPA proposals (``GEPAConfig.parallel_proposals`` = P > 1) on the fake generator:
 P parents drawn in proposal order, one batched reflection call, one generator call for all
-children's minibatches, acceptance in proposal order, budget accounting, and resume equality."""
+children's minibatches, acceptance in proposal order, budget accounting, and resume equality;
+then one round on the jitted sampler with a tiny random model (determinism, one device call
+for all meta-prompts)."""
 
 import hashlib
 import random
 
-from fst_jax.fast import (SELECTORS, EpochShuffledSampler, GEPAConfig, GEPAOptimizer, Population, ReflectionConfig,
-                          SamplerEvaluator, make_reflection_lm, run_gepa_round)
+from fst_jax.fast import (SELECTORS, EpochShuffledSampler, EvalConfig, GEPAConfig, GEPAOptimizer, Population,
+                          ReflectionConfig, SamplerEvaluator, make_reflection_lm, run_gepa_round)
+from fst_jax.models.configs import tiny
+from fst_jax.models.tokenizer import ByteChatTokenizer
+from fst_jax.models.transformer import init_model
+from fst_jax.sampling import Sampler, SamplingConfig
 from fst_jax.tasks import make_task
 
 from fast_fakes import FakeGenerator
@@ -149,3 +155,35 @@ def test_one_proposal_per_step_reflects_on_the_population_left_by_the_previous_p
     # seeds; then per proposal: the child's minibatch, and for the accepted one the rest of the
     # anchor (parents' rollouts are cached by then)
     assert [len(c["pairs"]) for c in gen.calls] == [12, 3, 9, 3]
+
+
+def test_parallel_round_on_the_jitted_sampler_is_deterministic_and_reflects_in_one_device_call():
+    tok = ByteChatTokenizer(max_context_tokens=40)
+    sampler = Sampler(init_model(tiny("llama", vocab_size=ByteChatTokenizer.vocab_size), seed=0), tok,
+                      SamplingConfig(max_new_tokens=8, prompt_buckets=(256, 2048), max_context_tokens=40))
+    template = "Improve this prompt:\n{current_text}\n\n{examples}\nAnswer between ``` fences."
+    anchor = ANCHOR[:4]
+
+    def round_once():
+        calls = []
+
+        class Counting:
+            tokenizer = sampler.tokenizer
+
+            def generate_text(self, params, pairs, **kw):
+                calls.append((len(pairs), kw.get("max_new_tokens")))
+                return sampler.generate_text(params, pairs, **kw)
+
+        cfg = GEPAConfig(max_metric_calls=None, max_proposals=3, parallel_proposals=3, minibatch_size=2,
+                         skip_perfect=False, eval=EvalConfig(temperature=1.0, seed=1),
+                         reflection=ReflectionConfig(template=template, max_output_chars=20, max_tokens=16,
+                                                     temperature=1.0))
+        result = run_gepa_round(Counting(), sampler.params, TASK, anchor, [{"context": "Solve it."}], cfg)
+        return calls, result
+
+    (calls_a, a), (calls_b, b) = round_once(), round_once()
+    assert calls_a == calls_b
+    assert without_time(a.optimizer.state_dict()) == without_time(b.optimizer.state_dict())
+    assert [c for c in calls_a if c[1] == 16] == [(3, 16)]  # the three meta-prompts in one call
+    assert a.budget.proposals == 3 and a.budget.reflection_calls == 3
+    assert a.budget.metric_calls == sum(n for n, m in calls_a if m is None)
