@@ -20,7 +20,7 @@ from fst_jax import distributed, sharding
 from fst_jax.checkpoint import CheckpointConfig, Checkpointer
 from fst_jax.models.configs import tiny
 from fst_jax.models.transformer import init_model
-from fst_jax.rl.batch import TrainBatch, batch_shardings, build_train_batch
+from fst_jax.rl.batch import TrainBatch, build_train_batch, process_rows, to_global
 from fst_jax.rl.kl import KLConfig
 from fst_jax.rl.optimizer import OptimizerConfig
 from fst_jax.rl.train_step import (LearnerConfig, TrainState, init_train_state,
@@ -47,24 +47,6 @@ def global_batch() -> TrainBatch:
     return build_train_batch(prompts, comps, logps, [float(i % 2) for i in range(GLOBAL_BATCH)],
                              [i // 2 for i in range(GLOBAL_BATCH)],
                              [i % 2 for i in range(GLOBAL_BATCH)], pad_id=0)
-
-
-def local_rows(mesh, num_rows: int = GLOBAL_BATCH) -> list[int]:
-    """The batch rows that live on this process's devices of ``mesh``."""
-    index_map = sharding.batch_sharding(mesh, 1).addressable_devices_indices_map((num_rows,))
-    rows = sorted({i for idx in index_map.values() for i in range(*idx[0].indices(num_rows))})
-    assert rows == list(range(rows[0], rows[-1] + 1)), "a process's rows must be contiguous"
-    return rows
-
-
-def to_global(batch: TrainBatch, mesh) -> TrainBatch:
-    """The host batch as global arrays on ``mesh``, each process supplying only its own rows."""
-    rows = local_rows(mesh, len(batch.tokens))
-
-    def one(x, s):
-        return jax.make_array_from_process_local_data(s, x[rows], x.shape)
-
-    return jax.tree.map(one, batch, batch_shardings(mesh))
 
 
 def scalar(x: jax.Array) -> float:
@@ -96,7 +78,7 @@ def main(port: str, process_id: str, num_processes: str, out_dir: str) -> None:
     with Checkpointer(config) as ckpt:
         saved = ckpt.maybe_save(STEPS, state, {"contexts": contexts})
     result = {"contexts": contexts, "losses": losses, "saved": saved,
-              "local_rows": local_rows(mesh),
+              "local_rows": process_rows(mesh, GLOBAL_BATCH),
               "process_count": jax.process_count(), "device_count": jax.device_count()}
     (Path(out_dir) / f"process_{process_id}.json").write_text(json.dumps(result))
     distributed.sync("multihost_worker_done")

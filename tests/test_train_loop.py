@@ -17,22 +17,14 @@ from fst_jax.models.loading import load_model
 from fst_jax.tasks import make_task
 from fst_jax.tasks.arithmetic import ArithmeticTask
 from fst_jax.tasks.base import register_task
+from coin_task import NAME as COIN_TASK
 
 SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke_fst.yaml"
 
 
-@register_task("test_coin_arithmetic")
-class CoinArithmetic(ArithmeticTask):
-    """Arithmetic problems whose reward is a deterministic coin of the completion text, so the
-    tiny random policy's groups have reward variance and every step trains."""
-
-    def reward(self, example, completion):
-        return float((len(completion) + sum(map(ord, completion[:3]))) % 2), "coin"
-
-
 def smoke_job(tmp_path, *overrides) -> TrainJob:
-    return load_config(TrainJob, SMOKE, [f"output_dir={tmp_path}", "mesh.data=1", "logging.tensorboard=false",
-                                         "task=test_coin_arithmetic", *overrides])
+    return load_config(TrainJob, SMOKE, [f"output_dir={tmp_path}", "logging.tensorboard=false",
+                                         f"task={COIN_TASK}", *overrides])
 
 
 class Spy:
@@ -152,18 +144,18 @@ def test_unreachable_reflection_endpoint_is_logged_and_the_run_goes_on(tmp_path,
         summary = run_train_job(job)
     assert summary["steps_done"] == 2
     (round_,) = read_jsonl(tmp_path / "gepa.jsonl")
-    assert round_["skip_reasons"].get("reflection_error", 0) == round_["proposals"] > 0
+    # every proposal that asked the endpoint was skipped (a parent with perfect scores asks nothing)
+    assert round_["skip_reasons"]["reflection_error"] > 0 and round_["accepted"] == round_["rejected"] == 0
+    assert sum(round_["skip_reasons"].values()) == round_["proposals"]
     assert "reflection failed" in caplog.text
 
 
 @register_task("test_raising_arithmetic")
 class RaisingArithmetic(ArithmeticTask):
-    """Arithmetic whose reward raises on every other problem."""
+    """Arithmetic whose reward always raises."""
 
     def reward(self, example, completion):
-        if int(example.id.rsplit("-", 1)[1]) % 2:
-            raise RuntimeError("verifier crashed")
-        return super().reward(example, completion)
+        raise RuntimeError("verifier crashed")
 
 
 def test_raising_reward_scores_zero_logged_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
@@ -171,9 +163,9 @@ def test_raising_reward_scores_zero_logged_and_the_run_goes_on(tmp_path, monkeyp
     with caplog.at_level(logging.WARNING):
         summary = run_train_job(smoke_job(tmp_path, "mode=rl", "steps=2", "task=test_raising_arithmetic"))
     assert summary["steps_done"] == 2
-    res = spy.rollouts[0]["result"]
-    odd = [i for i, p in enumerate(res.problem_ids) if int(spy.rollouts[0]["problems"][p].rsplit("-", 1)[1]) % 2]
-    assert odd and all(res.rewards[i] == 0 and "verifier crashed" in res.feedbacks[i] for i in odd)
+    for ro in spy.rollouts:
+        res = ro["result"]
+        assert not res.rewards.any() and all("verifier crashed" in f for f in res.feedbacks)
     assert "verifier crashed" in caplog.text
 
 
@@ -204,3 +196,21 @@ def test_original_prompt_and_seed_context_come_from_task_options(tmp_path):
     job = smoke_job(tmp_path, "task_options={original_prompt: 'Solve it.', seed_context: 'Be brief.'}")
     task = make_task(job.task, **job.task_options)
     assert (task.original_prompt, task.seed_context) == ("Solve it.", "Be brief.")
+
+
+def test_a_continual_schedule_switches_tasks_at_stage_boundaries_and_resumes_across_a_switch(tmp_path, monkeypatch):
+    spy = Spy(monkeypatch)
+    schedule = (f"schedule=[{{task: {COIN_TASK}, steps: 2}}, "
+                "{task: test_raising_arithmetic, steps: 2, task_options: {original_prompt: 'Stage two.'}}]")
+    job = smoke_job(tmp_path, "mode=fst", "steps=4", "fast.every=4", schedule)
+    first = run_train_job(job, max_steps_this_run=3)  # stops inside the second stage
+    assert first["steps_done"] == 3
+    run_train_job(job)
+    steps = read_jsonl(tmp_path / "steps.jsonl")
+    assert [(r["step"], r["task"]) for r in steps] == [(0, COIN_TASK), (1, COIN_TASK),
+                                                      (2, "test_raising_arithmetic"), (3, "test_raising_arithmetic")]
+    # a round opens each stage (T = 4 would otherwise give one), on that stage's problems only
+    rounds = read_jsonl(tmp_path / "gepa.jsonl")
+    assert [(r["step"], r["task"]) for r in rounds] == [(0, COIN_TASK), (2, "test_raising_arithmetic")]
+    assert spy.rounds[1]["anchor"] == list(dict.fromkeys(i for ro in spy.rollouts[2:] for i in ro["problems"]))
+    assert spy.rounds[1]["seeds"] == spy.rounds[0]["result"].members  # the population carries over

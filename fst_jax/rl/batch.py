@@ -115,3 +115,25 @@ def batch_shardings(mesh: Mesh) -> TrainBatch:
 def shard_batch(batch: TrainBatch, mesh: Mesh) -> TrainBatch:
     """Put a host batch on ``mesh`` (``B`` must be divisible by ``data * fsdp``)."""
     return jax.device_put(batch, batch_shardings(mesh))
+
+
+def process_rows(mesh: Mesh, num_rows: int) -> list[int]:
+    """The batch rows that live on this process's devices of ``mesh`` (contiguous)."""
+    index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((num_rows,))
+    rows = sorted({i for idx in index_map.values() for i in range(*idx[0].indices(num_rows))})
+    if rows != list(range(rows[0], rows[-1] + 1)):
+        raise ValueError("this process's batch rows are not contiguous on the mesh")
+    return rows
+
+
+def to_global(batch: TrainBatch, mesh: Mesh) -> TrainBatch:
+    """A host batch (the same full batch on every process) as global arrays on ``mesh``, each
+    process supplying only the rows of its own devices; works with one process too."""
+    rows = process_rows(mesh, len(batch.tokens))
+
+    def one(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(s, x[rows[0]:rows[-1] + 1], x.shape)
+
+    return jax.tree.map(one, batch, batch_shardings(mesh))
+
