@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run an fst_jax command on one GPU node (all its GPUs in one process).
 #
-#   launch/gpu_node.sh train --config experiments/x.yaml seed=1
+#   launch/gpu_node.sh train --config experiments/codeio_pod.yaml seed=1
 #   INSTALL=1 launch/gpu_node.sh ...   # first `pip install -e '.[gpu]'` (jax with CUDA 12)
 #
 # Sets GPU defaults that you can override from the environment: XLA may take 90% of GPU memory,

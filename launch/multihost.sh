@@ -5,9 +5,9 @@
 #   FST_COORDINATOR=10.0.0.1:1234 FST_NUM_PROCESSES=2 FST_PROCESS_ID=0 launch/multihost.sh train ...
 #   FST_COORDINATOR=10.0.0.1:1234 FST_NUM_PROCESSES=2 FST_PROCESS_ID=1 launch/multihost.sh train ...
 # Under Slurm, one task per host; JAX reads the Slurm variables itself:
-#   srun --nodes=2 --ntasks-per-node=1 launch/multihost.sh train --config experiments/x.yaml
+#   srun --nodes=2 --ntasks-per-node=1 launch/multihost.sh train --config experiments/codeio_pod.yaml
 # On one machine, N processes for debugging (CPU devices unless JAX_PLATFORMS says otherwise):
-#   LOCAL_PROCESSES=2 launch/multihost.sh train --config experiments/x.yaml
+#   LOCAL_PROCESSES=2 launch/multihost.sh train --config experiments/codeio_pod.yaml
 set -euo pipefail
 
 if [[ $# -eq 0 ]]; then

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run one fst_jax command on every host of a Cloud TPU VM slice (v4/v5e/v5p/v6e pods included).
 #
-#   TPU_NAME=my-slice ZONE=us-central2-b launch/tpu_pod.sh train --config experiments/x.yaml seed=1
+#   TPU_NAME=my-slice ZONE=us-central2-b launch/tpu_pod.sh train --config experiments/codeio_pod.yaml seed=1
 #
 # Every host runs `python -m fst_jax.cli <your arguments>` in REPO_DIR; JAX finds the other hosts
 # by itself on TPU (FST_COORDINATOR=auto). The repository must already be at REPO_DIR on every

@@ -62,7 +62,7 @@ def test_each_paper_setup_has_a_pod_config_with_the_papers_shapes_on_8_devices(s
     assert job.learner.loss.tau == 4.0 and job.learner.optimizer.clip_norm == 0.0
     assert job.dtype == "bfloat16" and job.target.architecture == "qwen3-8b"
     assert job.target.devices == job.mesh.data * job.mesh.fsdp * job.mesh.tensor == 8
-    assert model_config(job) == configs.ModelConfig.from_hf(configs.QWEN3_8B.to_hf(), dtype="bfloat16")
+    assert job.remat and model_config(job) == configs.QWEN3_8B
     rows, _ = batch_shape(job)
     assert rows % (job.learner.micro_batches * job.mesh.fsdp) == 0  # one row per device per micro-batch
 

@@ -54,24 +54,25 @@ class TargetConfig:
 
 def model_config(job) -> ModelConfig:
     """The architecture ``job`` would train, with the numerics its loader applies
-    (``dtype`` = ``job.dtype``, float32 storage, no remat: what ``load_model`` builds)."""
+    (``job.dtype`` compute, float32 storage, ``job.remat``: what ``load_model`` builds)."""
     from fst_jax.models.loading import TINY_PREFIX
     from fst_jax.models.tokenizer import ByteChatTokenizer
 
     if job.target.architecture is not None:
-        return ModelConfig.from_hf(ARCHITECTURES[job.target.architecture].to_hf(), dtype=job.dtype)
+        return ModelConfig.from_hf(ARCHITECTURES[job.target.architecture].to_hf(), dtype=job.dtype,
+                                   remat=job.remat)
     if job.model.startswith(TINY_PREFIX):
         return configs.tiny(job.model[len(TINY_PREFIX):], vocab_size=ByteChatTokenizer.vocab_size,
-                            dtype=job.dtype)
+                            dtype=job.dtype, remat=job.remat)
     from fst_jax.models.bundled import SMOLLM2_NAME
 
     if job.model.lower() == SMOLLM2_NAME:
-        return configs.SMOLLM2_135M.replace(dtype=job.dtype)
+        return configs.SMOLLM2_135M.replace(dtype=job.dtype, remat=job.remat)
     cfg = Path(job.model).expanduser() / "config.json"
     if not cfg.exists():
         raise ConfigError(f"model {job.model!r}: no {cfg} on this machine; set target.architecture "
                           f"to one of {sorted(ARCHITECTURES)} to dry-run without the weights")
-    return ModelConfig.from_hf(json.loads(cfg.read_text()), dtype=job.dtype)
+    return ModelConfig.from_hf(json.loads(cfg.read_text()), dtype=job.dtype, remat=job.remat)
 
 
 def batch_shape(job) -> tuple[int, int]:
