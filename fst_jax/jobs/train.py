@@ -35,17 +35,22 @@ from flax import nnx
 from fst_jax.checkpoint import CheckpointConfig, Checkpointer, abstract_target
 from fst_jax.config import require, save_config, to_dict
 from fst_jax.data import DataConfig, ProblemStream
+from fst_jax.evaluation import EvaluationConfig, EvaluationHook
 from fst_jax.fast.candidates import Member
+from fst_jax import distributed
 from fst_jax.fast.optimizer import GEPAConfig, run_gepa_round
 from fst_jax.jobs.preflight import TargetConfig
+from fst_jax.fast.reflection import BatchedLM, ReflectionError, Reply, make_reflection_lm, reflect_batch
 from fst_jax.metrics import LoggingConfig, make_writers
 from fst_jax.models.loading import load_model
 from fst_jax.plots import plot_run
+from fst_jax.rl.batch import to_global
 from fst_jax.rl.train_step import LearnerConfig, init_train_state, make_train_step
 from fst_jax.rollout import check_group_mix, rollout, sampling_weights
 from fst_jax.sampling import Sampler, SamplingConfig
 from fst_jax.sharding import MeshConfig, make_mesh
-from fst_jax.tasks import make_task, safe_reward
+from fst_jax.tasks import make_task
+from fst_jax.tasks.rewards import RewardConfig, RewardPool
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +76,27 @@ class FastConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """One stage of a task schedule (continual learning): ``steps`` RL steps on ``task``."""
+
+    task: str
+    steps: int
+    task_options: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        require(self.steps >= 1, "steps must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainJob:
     """One training run. ``model``: ``smollm2-135m-instruct`` (bundled), a local HF folder, or
     ``tiny:<family>`` (a random tiny model with the byte tokenizer, for smoke runs).
     ``task_options`` go to the task's constructor; among them ``seed_context`` (GEPA's seed)
     and ``original_prompt`` (the fixed prompt of mode ``rl``). ``samples_per_problem`` is G.
+    ``schedule`` (continual learning) replaces ``task``/``task_options`` by stages run in order,
+    their steps adding up to ``steps``; the population carries across a switch (GEPA is seeded
+    with the first stage's seed context once), a GEPA round opens every stage, and mode ``rl``
+    uses each stage's own original prompt.
     A relative ``checkpoint.directory`` is inside ``output_dir``."""
 
     mode: Literal["rl", "gepa", "fst"] = "fst"
@@ -84,6 +105,7 @@ class TrainJob:
     remat: bool = False  # rematerialise each layer in the backward pass (large models)
     task: str = "arithmetic"
     task_options: dict = dataclasses.field(default_factory=dict)
+    schedule: tuple[StageConfig, ...] = ()
     steps: int = 60
     problems_per_step: int = 8
     samples_per_problem: int = 8
@@ -94,6 +116,8 @@ class TrainJob:
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=128, temperature=1.0)
     learner: LearnerConfig = LearnerConfig()
     fast: FastConfig = FastConfig()
+    rewards: RewardConfig = RewardConfig()
+    eval: EvaluationConfig = EvaluationConfig()
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig(save_every_steps=6)
     logging: LoggingConfig = LoggingConfig()
@@ -103,10 +127,16 @@ class TrainJob:
         require(self.steps >= 1 and self.problems_per_step >= 1, "steps and problems_per_step must be >= 1")
         require(self.samples_per_problem >= 2, "samples_per_problem must be >= 2 (advantages need a group)")
         require(self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16")
+        require(not self.schedule or sum(st.steps for st in self.schedule) == self.steps,
+                "steps must equal the sum of the schedule's stage steps")
         K = self.fast.gepa.top_k
         require(self.mode == "rl" or self.samples_per_problem % K == 0,
                 f"samples_per_problem must be divisible by fast.gepa.top_k (K={K}): each context "
                 f"gets G/K rollouts of every problem")
+
+    def stages(self) -> tuple[StageConfig, ...]:
+        """The schedule, or the single stage of ``task`` for ``steps``."""
+        return self.schedule or (StageConfig(self.task, self.steps, self.task_options),)
 
     @property
     def trains_weights(self) -> bool:
@@ -132,6 +162,25 @@ class _StopSignal:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+class _Stage:
+    """A schedule stage at run time: its task, problem stream, reward pool and step range."""
+
+    def __init__(self, cfg: StageConfig, start: int, job: TrainJob):
+        self.task = make_task(cfg.task, **cfg.task_options)
+        self.name, self.start, self.end = cfg.task, start, start + cfg.steps
+        self.stream = ProblemStream(self.task.examples("train", job.data.train_examples, seed=job.data.seed),
+                                    job.problems_per_step, job.data.shuffle_seed)
+        self.pool = RewardPool(self.task, job.rewards)
+
+
+def _build_stages(job: TrainJob) -> list[_Stage]:
+    stages, start = [], 0
+    for cfg in job.stages():
+        stages.append(_Stage(cfg, start, job))
+        start += cfg.steps
+    return stages
+
+
 def fill_slots(members: list[Member], k: int) -> list[Member]:
     """``k`` context slots from the ranked members (best first); a population smaller than
     ``k`` fills the remaining slots by repeating members in rank order."""
@@ -150,7 +199,26 @@ def _unique(examples):
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+    """Replicated scalars to floats (also when they span other processes' devices)."""
+    return {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
+
+
+def _reflection_on_primary(cfg, reflection_fn) -> BatchedLM | None:
+    """With several processes and a reflection LM outside the policy (an endpoint, a callable,
+    a replay file): process 0 alone calls it and broadcasts the replies, failures included,
+    so every process's GEPA round proceeds in lockstep. None otherwise (the round builds its
+    own LM; the policy backend samples through the global sampler on every process)."""
+    if jax.process_count() == 1 or (cfg.backend == "policy" and cfg.cache_mode != "replay"):
+        return None
+    lm = make_reflection_lm(cfg, fn=reflection_fn) if distributed.is_primary() else None
+
+    def batch(prompts, seeds):
+        out = reflect_batch(lm, prompts, seeds) if lm is not None else []
+        shared = distributed.broadcast_host_object(
+            [[o.text, o.tokens] if isinstance(o, Reply) else str(o) for o in out])
+        return [Reply(*o) if isinstance(o, list) else ReflectionError(o) for o in shared]
+
+    return BatchedLM(batch)
 
 
 def run_train_job(job: TrainJob, *, reflection_fn: Callable[[str], str] | None = None,
@@ -167,13 +235,11 @@ def run_train_job(job: TrainJob, *, reflection_fn: Callable[[str], str] | None =
                                   job.remat)
     sampler = Sampler(model, tokenizer, job.sampling, mesh)
     base = sampler.params  # never donated: the frozen weights of mode gepa
-    task = make_task(job.task, **job.task_options)
-    seed_context, original = task.seed_context, task.original_prompt
-    for text in (seed_context, original):  # over-long: fail now, not mid-run
-        sampler.tokenizer.encode_context(text)
-    stream = ProblemStream(task.examples("train", job.data.train_examples, seed=job.data.seed),
-                           job.problems_per_step, job.data.shuffle_seed)
-    score = _scorer(task)
+    stages = _build_stages(job)
+    seed_context, original = stages[0].task.seed_context, stages[0].task.original_prompt
+    for text in [seed_context] + [st.task.original_prompt for st in stages]:
+        sampler.tokenizer.encode_context(text)  # over-long: fail now, not mid-run
+    hook = EvaluationHook(job.eval)
     cfg = job.learner
     if job.trains_weights:
         own = nnx.merge(sampler.graphdef, jax.tree.map(jnp.copy, base))
@@ -184,48 +250,59 @@ def run_train_job(job: TrainJob, *, reflection_fn: Callable[[str], str] | None =
     ckpt_dir = Path(job.checkpoint.directory)
     ckpt = Checkpointer(dataclasses.replace(
         job.checkpoint, directory=str(ckpt_dir if ckpt_dir.is_absolute() else out / ckpt_dir)))
-    host: dict[str, Any] = {"step": 0, "data": stream.state(), "population": [], "mode": job.mode}
+    host: dict[str, Any] = {"step": 0, "data": [st.stream.state() for st in stages],
+                            "population": [], "mode": job.mode, "eval": hook.state()}
     restored = ckpt.restore(abstract_target(state))
     if restored is not None:
         state, host = restored.state, restored.host
         if host.get("mode") != job.mode:
             raise ValueError(f"{ckpt.directory} holds a {host.get('mode')} run; this job is {job.mode}")
-        stream.load_state(host["data"])
+        for st, data in zip(stages, host["data"], strict=True):
+            st.stream.load_state(data)
+        hook.load_state(host["eval"])
         log.info("resumed at step %d", host["step"])
     step = host["step"]
     members = [Member(**m) for m in host["population"]]
     writers = make_writers(job.logging, out, step, to_dict(job))
     K, G, T = job.fast.gepa.top_k, job.samples_per_problem, job.fast.every
+    reflection_lm = _reflection_on_primary(job.fast.gepa.reflection, reflection_fn)
     stop = _StopSignal()
     progress = _progress(job, step)
     run_start, this_run = time.perf_counter(), 0
     try:
         while step < job.steps:
             seconds: dict[str, float] = {}
+            st = next(st for st in stages if st.start <= step < st.end)
+            task, original = st.task, st.task.original_prompt
             policy = sampling_weights(state, cfg) if job.trains_weights else base
-            if job.evolves_contexts and (step % T == 0 or not members):
+            if job.evolves_contexts and ((step - st.start) % T == 0 or not members):
                 progress.set_description("fast (GEPA)")
                 t0 = time.perf_counter()
-                anchor = _unique(ex for batch in stream.peek(T) for ex in batch)
+                anchor = _unique(ex for batch in st.stream.peek(min(T, st.end - step)) for ex in batch)
                 seeds = members or [{"context": seed_context}]
                 result = run_gepa_round(
                     sampler, policy, task, anchor, seeds,
                     dataclasses.replace(job.fast.gepa, seed=job.fast.gepa.seed + step // T),
-                    policy_step=step, reflection_fn=reflection_fn)
+                    policy_step=step, reflection_fn=reflection_fn, scorer=st.pool,
+                    reflection_lm=reflection_lm)
                 members = result.members
                 seconds["fast"] = time.perf_counter() - t0
-                writers.write("gepa", step, _round_record(result, step // T, seconds["fast"]))
+                writers.write("gepa", step, {"task": st.name,
+                                             **_round_record(result, step // T, seconds["fast"])})
             contexts = ([m.components["context"] for m in fill_slots(members, K)]
                         if job.evolves_contexts else [original])
+            if hook.due(step):
+                _evaluate(hook, writers, progress, step, job.mode, sampler, policy, base, task,
+                          contexts, original)
             progress.set_description("rollout")
-            ro = rollout(sampler, policy, stream.next_batch(), contexts, G, score,
+            ro = rollout(sampler, policy, st.stream.next_batch(), contexts, G, st.pool.score,
                          seed=(job.seed * 1_000_003 + step) % 2**31, advantage=cfg.advantage)
             seconds.update(ro.seconds)
             metrics: dict[str, float] = {}
             if job.trains_weights:
                 progress.set_description("update")
                 t0 = time.perf_counter()
-                state, m = train_step(state, ro.batch, timings=seconds)
+                state, m = train_step(state, to_global(ro.batch, mesh), timings=seconds)
                 metrics = _floats(m)
                 seconds["update"] = time.perf_counter() - t0 - seconds.get("reference", 0.0)
                 if metrics["applied"] == 0:
@@ -233,11 +310,16 @@ def run_train_job(job: TrainJob, *, reflection_fn: Callable[[str], str] | None =
                            else "non-finite loss or gradients")
                     log.warning("step %d: %s; update skipped (%d so far)", step, why,
                                 int(metrics["skipped"]))
-            record = _step_record(job.mode, ro, metrics, seconds, step // T)
+            record = {"task": st.name, **_step_record(job.mode, ro, metrics, seconds, step // T)}
             writers.write("steps", step, record)
             step += 1
             this_run += 1
-            host = {"step": step, "data": stream.state(), "mode": job.mode,
+            if step == job.steps and job.eval.every > 0:  # always a final evaluation
+                _evaluate(hook, writers, progress, step, job.mode, sampler,
+                          sampling_weights(state, cfg) if job.trains_weights else base, base, task,
+                          contexts, original)
+            host = {"step": step, "data": [st.stream.state() for st in stages], "mode": job.mode,
+                    "eval": hook.state(),
                     "population": [dataclasses.asdict(m) for m in members]}
             progress.update(1)
             progress.set_postfix(reward=f"{record['reward_mean']:.3f}",
@@ -252,14 +334,20 @@ def run_train_job(job: TrainJob, *, reflection_fn: Callable[[str], str] | None =
         progress.close()
         ckpt.close()
         writers.close()
+        for st in stages:
+            st.pool.close()
     return _finish(job, out, step, members, original, graphdef, state, sampler.tokenizer,
                    time.perf_counter() - run_start)
 
 
-def _scorer(task):
-    def score(examples, completions):
-        return [safe_reward(task, ex, c) for ex, c in zip(examples, completions)]
-    return score
+def _evaluate(hook, writers, progress, step, mode, sampler, policy, base, task, contexts,
+              original) -> None:
+    """One evaluation (``EvaluationHook.run``), logged to the "eval" stream."""
+    progress.set_description("eval")
+    t0 = time.perf_counter()
+    record = hook.run(sampler, policy, base, task, contexts, original)
+    writers.write("eval", step, {"mode": mode, "task": task.name, **record,
+                                 "seconds": time.perf_counter() - t0})
 
 
 def _progress(job: TrainJob, step: int):
