@@ -48,9 +48,8 @@ def test_each_paper_setup_has_a_cpu_config_on_the_bundled_model_saying_what_it_s
     assert "stand" in text and "paper" in text, f"{path.name} must say which paper task it stands in for"
     assert job.model in ("smollm2-135m-instruct", "runs/math_cpu/fst/hf")  # plasticity: phase A's weights
     assert job.eval.every > 0 and job.target.device_memory_gib is None
-    if not job.model.startswith("runs/"):
-        task = make_task(job.task, **job.task_options)  # the task and its options build here
-        assert task.examples("train", 2, seed=job.data.seed)
+    for stage in job.stages():  # the tasks and their options build here
+        assert make_task(stage.task, **stage.task_options).examples("train", 2, seed=job.data.seed)
 
 
 @pytest.mark.parametrize("setup", SETUPS)
@@ -65,6 +64,14 @@ def test_each_paper_setup_has_a_pod_config_with_the_papers_shapes_on_8_devices(s
     assert job.remat and model_config(job) == configs.QWEN3_8B
     rows, _ = batch_shape(job)
     assert rows % (job.learner.micro_batches * job.mesh.fsdp) == 0  # one row per device per micro-batch
+
+
+def test_continual_configs_switch_between_three_tasks_with_the_same_task_agnostic_prompts():
+    for name, per_stage in (("continual_cpu.yaml", 60), ("continual_pod.yaml", 200)):
+        stages = _load(name).stages()
+        assert len({st.task for st in stages}) == 3 and {st.steps for st in stages} == {per_stage}
+        prompts = {(st.task_options["seed_context"], st.task_options["original_prompt"]) for st in stages}
+        assert len(prompts) == 1
 
 
 def test_star_graph_configs_use_reasoning_gyms_path_star():

@@ -147,7 +147,8 @@ def two_by_two_table(job: TrainJob, fst_run: str | Path) -> dict[str, Any]:
     """Greedy pass@1 of {base, trained} weights x {original, evolved} context on the task's
     ``eval.num_examples`` test examples (``eval.seed``): base = ``job.model``, trained =
     ``<fst_run>/hf``, evolved = the run's best kept context, original = the task's original
-    prompt. Returns ``{"table": {"base/original": ..}, "contexts": {...}, "examples": n}``."""
+    prompt. With a schedule, the task is the last stage's (where the run ended). Returns
+    ``{"table": {"base/original": ..}, "task": name, "contexts": {...}, "examples": n}``."""
     from flax import nnx
 
     from fst_jax.models.loading import load_model
@@ -165,7 +166,8 @@ def two_by_two_table(job: TrainJob, fst_run: str | Path) -> dict[str, Any]:
     sampler = Sampler(model, tokenizer, job.sampling, mesh)
     _, trained_model = load_hf_folder(hf, dtype=job.dtype)
     trained = shard_state(nnx.state(trained_model), mesh)
-    task = make_task(job.task, **job.task_options)
+    stage = job.stages()[-1]
+    task = make_task(stage.task, **stage.task_options)
     examples = task.examples("test", job.eval.num_examples, seed=job.eval.seed)
 
     def accuracy(weights, context: str) -> float:
@@ -176,7 +178,8 @@ def two_by_two_table(job: TrainJob, fst_run: str | Path) -> dict[str, Any]:
 
     original, evolved = task.original_prompt, run.contexts[0]
     return {"table": decomposition_2x2(accuracy, sampler.params, trained, original, evolved),
-            "contexts": {"original": original, "evolved": evolved}, "examples": len(examples)}
+            "task": stage.task, "contexts": {"original": original, "evolved": evolved},
+            "examples": len(examples)}
 
 
 # -- the report ---------------------------------------------------------------------------
@@ -299,7 +302,7 @@ def _markdown(summary: dict[str, Any]) -> str:
     lines += ["", "## 2x2: weights x context (greedy pass@1)", ""]
     tbt = summary["two_by_two"]
     if "table" in tbt:
-        lines += [f"On {tbt['examples']} test examples; trained = the fst run's weights, evolved = "
+        lines += [f"On {tbt['examples']} test examples of {tbt['task']}; trained = the fst run's weights, evolved = "
                   "its best kept context.", "", format_2x2(tbt["table"]), "",
                   "Evolved context:", "", "```", tbt["contexts"]["evolved"], "```"]
     else:
@@ -352,7 +355,7 @@ def write_report(job: TrainJob, modes: Sequence[str] = MODES, *, two_by_two: boo
     figures.append(_plot_fits(runs, {m: n["sigmoid"] for m, n in per_mode.items()}, key,
                               out / "sigmoid_fits.png").name)
     summary = {
-        "task": job.task, "model": job.model, "steps": job.steps, "modes": list(runs),
+        "task": " -> ".join(st.task for st in job.stages()), "model": job.model, "steps": job.steps, "modes": list(runs),
         "problems_per_step": job.problems_per_step, "samples_per_problem": job.samples_per_problem,
         "eval_examples": job.eval.num_examples, "eval_every": job.eval.every, "reward_key": key,
         "per_mode": per_mode, "steps_to_rl_peak": peak,
