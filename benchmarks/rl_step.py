@@ -15,7 +15,7 @@ Configurations:
   gets the same 32 prompt texts, each repeated twice, through the learner's rollout path.
 
 Each side runs in its own process (tunix in its own venv: ``benchmarks/setup_tunix_venv.sh``),
-one after the other, so its peak RSS is its own: a warm-up step (compile) then ``--steps``
+one process per configuration and side, one after the other, so its peak RSS is its own: a warm-up step (compile) then ``--steps``
 measured steps; seconds are medians. Each process also measures a float32 matmul peak
 (2048^3 dot) and a memory-copy bandwidth (read + write of a 256 MB array) with the same jax, and
 reports utilisation against them: update and reference = model FLOPs / time / peak; rollout =
@@ -367,12 +367,19 @@ def run_tunix(spec: dict) -> dict:
 
 
 # -- driver ------------------------------------------------------------------------------------
-def _child(python: str, side: str, spec_path: str) -> dict:
+def _child(python: str, side: str, spec: dict) -> dict:
+    """Run one side on ``spec`` in its own process; a failure comes back as ``{"error": ...}``."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    res = subprocess.run([python, __file__, "--side", side, "--spec", spec_path],
-                         capture_output=True, text=True, env=env)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    try:
+        res = subprocess.run([python, __file__, "--side", side, "--spec", f.name],
+                             capture_output=True, text=True, env=env)
+    finally:
+        os.unlink(f.name)
     if res.returncode:
-        sys.exit(f"{side} failed:\n{res.stderr[-4000:]}")
+        return {"error": f"exit status {res.returncode} (negative: killed by that signal, e.g. "
+                         f"-9 by the OOM killer): {res.stderr[-1500:]}"}
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -424,16 +431,17 @@ def main():
     sides = args.sides.split(",")
     if "tunix" in sides and not TUNIX_PY.exists():
         sys.exit(f"no tunix venv at {TUNIX_PY.parent.parent}: run benchmarks/setup_tunix_venv.sh")
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(spec, f)
-    try:
-        ours = _child(sys.executable, "ours", f.name) if "ours" in sides else None
-        peer = _child(str(TUNIX_PY), "tunix", f.name) if "tunix" in sides else None
-    finally:
-        os.unlink(f.name)
-    for line in report(spec, ours, peer):
-        print(json.dumps(line), flush=True)
-
+    # One process per (configuration, side): each peak RSS is its own, and a side that fails
+    # (e.g. killed for memory on a shared machine) does not lose the other figures.
+    for name, c in spec["configs"].items():
+        one = {**spec, "configs": {name: c}}
+        got = {}
+        for side in sides:
+            got[side] = _child(sys.executable if side == "ours" else str(TUNIX_PY), side, one)
+            print(json.dumps({"config": name, "side": side, **got[side]}), flush=True)
+        if all("error" not in r for r in got.values()):
+            for line in report(one, got.get("ours"), got.get("tunix")):
+                print(json.dumps(line), flush=True)
 
 if __name__ == "__main__":
     main()
