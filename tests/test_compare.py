@@ -84,27 +84,49 @@ def test_report_on_hand_made_runs_has_peak_steps_fits_ood_and_figures(tmp_path):
     assert json.loads((report / "summary.json").read_text()) == json.loads(json.dumps(summary))
 
 
-def test_compare_runs_rl_gepa_fst_on_the_smoke_config_resumes_and_reports_the_2x2(tmp_path):
+def test_run_compare_skips_finished_modes_and_stops_at_a_mode_that_stopped_early(tmp_path, monkeypatch):
+    import fst_jax.jobs.compare as compare
+
+    job = load_config(TrainJob, SMOKE, [f"output_dir={tmp_path}", "eval.every=2"])
+    _write_run(tmp_path / "rl", "rl", [0, 2, 4], [0.1, 0.2, 0.3], [0.0, 0.1, 0.2])  # finished,
+    (tmp_path / "rl" / "hf").mkdir()  # with its exported weights
+    calls = []
+
+    def fake_train(sub, reflection_fn=None, max_steps_this_run=None):
+        calls.append((sub.mode, sub.output_dir, max_steps_this_run))
+        return {"steps_done": 1}  # SIGTERM / time slice: stopped before sub.steps
+
+    monkeypatch.setattr(compare, "run_train_job", fake_train)
+    monkeypatch.setattr(compare, "write_report", lambda job, modes, two_by_two: {"modes": modes})
+    assert run_compare(job, max_steps_this_run=1) == {"modes": ("rl", "gepa", "fst")}
+    assert calls == [("gepa", f"{tmp_path}/gepa", 1)]  # rl skipped; fst never started
+
+
+def test_compare_runs_rl_gepa_fst_on_the_smoke_config_and_reports_the_2x2(tmp_path, monkeypatch):
+    import fst_jax.jobs.compare as compare
+
     job = load_config(TrainJob, SMOKE, [
-        f"output_dir={tmp_path}", "steps=3", "eval.every=1", "eval.num_examples=2", "eval.k=1",
-        "eval.ood_tasks=[codeio]", "fast.gepa.max_metric_calls=8", "fast.gepa.max_proposals=1",
-        "checkpoint.save_every_steps=1"])
-    first = run_compare(job, max_steps_this_run=2)  # rl stops after 2 of 3 steps: the sequence ends
-    assert first["modes"] == ["rl"] and first["per_mode"]["rl"]["steps_done"] == 2
-    assert not (tmp_path / "gepa").exists()
-    summary = run_compare(job)  # rl resumes at step 2, then gepa and fst run
+        f"output_dir={tmp_path}", "steps=2", "eval.every=1", "eval.num_examples=2", "eval.k=1",
+        "eval.greedy=false", "eval.ood_tasks=[arithmetic]", "fast.gepa.max_metric_calls=8",
+        "fast.gepa.max_proposals=1", "fast.gepa.reflection.backend=callable"])
+    summary = run_compare(job, reflection_fn=lambda prompt: "```\nAnswer with the number only.\n```")
     assert summary["modes"] == ["rl", "gepa", "fst"]
     for mode in ("rl", "gepa", "fst"):
         run = Run.read(tmp_path / mode, mode)
-        assert [r["step"] for r in run.steps] == [0, 1, 2]
-        assert [r["step"] for r in run.eval] == [0, 1, 2, 3]
+        assert [r["step"] for r in run.steps] == [0, 1]
+        assert [r["step"] for r in run.eval] == [0, 1, 2]
         assert summary["per_mode"][mode]["finished"]
-        assert "A" in summary["per_mode"][mode]["sigmoid"] or "error" in summary["per_mode"][mode]["sigmoid"]
+        assert "need >= 4" in summary["per_mode"][mode]["sigmoid"]["error"]  # 3 evaluations
     assert summary["per_mode"]["gepa"]["final_kl_to_base"] == pytest.approx(0.0, abs=1e-6)
-    assert "eval/ood/codeio/mean@1" in summary["per_mode"]["fst"]["ood"]
+    assert "eval/ood/arithmetic/mean@1" in summary["per_mode"]["fst"]["ood"]
     table = summary["two_by_two"]["table"]
     assert set(table) == {"base/original", "base/evolved", "trained/original", "trained/evolved"}
     assert all(0.0 <= v <= 1.0 for v in table.values()) and summary["two_by_two"]["examples"] == 2
     fst_ctx = json.loads((tmp_path / "fst" / "contexts.json").read_text())[0]["components"]["context"]
     assert summary["two_by_two"]["contexts"]["evolved"] == fst_ctx
+    assert {"reward_vs_step.png", "kl_vs_reward.png"} <= set(summary["figures"])
     assert (tmp_path / "report" / "summary.md").exists()
+    # Rerunning finds every mode finished: nothing trains, the report is rebuilt.
+    monkeypatch.setattr(compare, "run_train_job", lambda *a, **k: pytest.fail("trained again"))
+    again = run_compare(job, two_by_two=False)
+    assert again["per_mode"] == summary["per_mode"]
