@@ -31,6 +31,7 @@ import json
 import os
 import resource
 import statistics
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -68,6 +69,8 @@ def gepa_round(sampler: Sampler, task, anchor, args, parallel: int, budget: int)
     seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
     b = result.budget
     history = [{k: v for k, v in r.items() if k != "seconds"} for r in result.optimizer.history]
+    print(f"P={parallel} budget={budget}: {seconds:.1f}s wall, {cpu:.1f}s CPU, {b.metric_calls} metric calls, "
+          f"{b.proposals} proposals, {counting.calls} generate calls", file=sys.stderr, flush=True)
     return {"seconds": seconds, "cpu_s": cpu, "metric_calls": b.metric_calls, "proposals": b.proposals,
             "accepted": b.accepted, "rejected": b.rejected, "skipped": b.skipped, "reflection_calls": b.reflection_calls,
             "generate_calls": counting.calls, "generated_rows": counting.rows,
