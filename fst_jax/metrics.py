@@ -72,6 +72,13 @@ class JsonlWriter:
         pass
 
 
+def _tag(stream: str, key: str) -> str:
+    """``stream/key`` for TensorBoard and W&B: no doubled stream prefix (``eval/eval/...``) and
+    ``@`` spelled ``_at_`` (tensorboardX renames tags with ``@``, warning each time)."""
+    key = key.removeprefix(f"{stream}/").replace("@", "_at_")
+    return f"{stream}/{key}"
+
+
 def _scalars(record: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in record.items()
             if isinstance(v, numbers.Number) and not isinstance(v, bool)}
@@ -87,7 +94,7 @@ class TensorBoardWriter:
 
     def write(self, stream: str, step: int, record: dict[str, Any]) -> None:
         for key, value in _scalars(record).items():
-            self._writer.add_scalar(f"{stream}/{key}", value, step)
+            self._writer.add_scalar(_tag(stream, key), value, step)
 
     def close(self) -> None:
         self._writer.close()
@@ -108,7 +115,7 @@ class WandbWriter:
                                config=config)
 
     def write(self, stream: str, step: int, record: dict[str, Any]) -> None:
-        self._run.log({f"{stream}/{k}": v for k, v in _scalars(record).items()}, step=step)
+        self._run.log({_tag(stream, k): v for k, v in _scalars(record).items()}, step=step)
 
     def close(self) -> None:
         self._run.finish()

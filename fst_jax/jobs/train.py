@@ -237,9 +237,10 @@ def run_train_job(job: TrainJob, *, reflection_fn: Callable[[str], str] | None =
     base = sampler.params  # never donated: the frozen weights of mode gepa
     stages = _build_stages(job)
     seed_context, original = stages[0].task.seed_context, stages[0].task.original_prompt
-    for text in [seed_context] + [st.task.original_prompt for st in stages]:
-        sampler.tokenizer.encode_context(text)  # over-long: fail now, not mid-run
     hook = EvaluationHook(job.eval)
+    for text in ([seed_context] + [st.task.original_prompt for st in stages]
+                 + [t.original_prompt for t in hook.ood.values()]):
+        sampler.tokenizer.encode_context(text)  # over-long: fail now, not mid-run
     cfg = job.learner
     if job.trains_weights:
         own = nnx.merge(sampler.graphdef, jax.tree.map(jnp.copy, base))
