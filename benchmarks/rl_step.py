@@ -127,14 +127,15 @@ def build_spec(configs: list[str], steps: int) -> dict:
                                  "new_tokens": new_tokens, "full_step": full_step,
                                  "prompt_bucket": bucket}
 
-    if "rl" in configs:
+    def add_rl():
         short = "You are a careful math tutor. Answer with a single number after ####."
         pairs = [(short, "A farmer has 12 cows and buys 7 more. Then he sells 3 of them at the "
                          "market. How many cows does he have now?"),
                  (short, "Tom reads 9 pages a day for 6 days, then 4 more pages on the last day. "
                          "How many pages did he read in all?")]  # 61 and 60 tokens
         add("rl", pairs, 4, 192, True, 64)
-    if "fst" in configs:
+
+    def add_fst():
         ctxs = []
         for k in range(4):
             text = f"Strategy {k}. "
@@ -146,6 +147,9 @@ def build_spec(configs: list[str], steps: int) -> dict:
                  "shop sell in total over the two days?" for p in range(8)]
         # problem-major, as a rollout lays out a group: problem p's prompts are rows 4p..4p+3.
         add("fst", [(ctxs[k], tasks[p]) for p in range(8) for k in range(4)], 2, 128, False, 512)
+
+    for name in configs:
+        {"rl": add_rl, "fst": add_fst}[name]()
     return spec
 
 
@@ -214,7 +218,8 @@ def run_ours(spec: dict) -> dict:
             batch = build_train_batch([prompt_rows[p] for p in s.prompt_index], comps,
                                       [s.logprobs[r, :s.lengths[r]] for r in range(len(comps))],
                                       rewards, list(s.prompt_index), [0] * len(comps),
-                                      pad_id=tok.pad_id, advantage=cfg.advantage)
+                                      pad_id=tok.pad_id, advantage=cfg.advantage,
+                                      prompt_buckets=(Lp,), completion_buckets=(new,))
             batch = shard_batch(batch, mesh)
             t2 = time.perf_counter()
             timings: dict = {}  # train_step computes the reference log-probs itself (beta > 0)
