@@ -16,6 +16,7 @@ import pytest
 import multihost_worker as worker
 from fst_jax import distributed, sharding
 from fst_jax.checkpoint import CheckpointConfig, Checkpointer, abstract_target
+from fst_jax.rl.batch import process_rows
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 120
@@ -97,7 +98,7 @@ def test_two_processes_share_contexts_and_match_single_process_training(tmp_path
     # (b) each process fed only its half of the batch to the project's train_step, and the
     # sharded 2-process run follows the single-process run of the same global batch
     assert [r["local_rows"] for r in results] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert worker.local_rows(mesh) == list(range(worker.GLOBAL_BATCH))
+    assert process_rows(mesh, worker.GLOBAL_BATCH) == list(range(worker.GLOBAL_BATCH))
     for r in results:
         np.testing.assert_allclose(r["losses"], want_losses, rtol=1e-5, atol=1e-5)
     assert len(set(want_losses)) == worker.STEPS  # every step changed the weights
