@@ -46,7 +46,7 @@ from fst_jax.models.loading import load_model
 from fst_jax.plots import plot_run
 from fst_jax.rl.batch import to_global
 from fst_jax.rl.train_step import LearnerConfig, init_train_state, make_train_step
-from fst_jax.rollout import check_group_mix, rollout, sampling_weights
+from fst_jax.rollout import rollout, sampling_weights
 from fst_jax.sampling import Sampler, SamplingConfig
 from fst_jax.sharding import MeshConfig, make_mesh
 from fst_jax.tasks import make_task
