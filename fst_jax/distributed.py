@@ -77,6 +77,14 @@ def broadcast_host_object(obj: Any) -> Any:
     return json.loads(buffer[:size].tobytes().decode())
 
 
+def fetch(x: jax.Array) -> np.ndarray:
+    """The whole value of ``x`` as a numpy array on every process, also when ``x`` is sharded
+    over devices of several processes (then an all-gather: every process must call it)."""
+    if x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def all_processes_agree(flag: bool) -> bool:
     """True iff ``flag`` is True on every process (all processes must call it)."""
     if jax.process_count() == 1:

@@ -28,8 +28,9 @@ from jax.sharding import Mesh
 
 import fst_jax.tasks  # noqa: F401  (registers the built-in tasks the config validates against)
 from fst_jax.config import require, require_in_registry
+from fst_jax.distributed import fetch
 from fst_jax.models.transformer import positions_from_mask
-from fst_jax.rl.batch import TrainBatch, shard_batch
+from fst_jax.rl.batch import TrainBatch, to_global
 from fst_jax.sharding import BATCH_AXES, state_shardings
 from fst_jax.tasks.base import TASK_FAMILIES, TASKS, Example, Task, make_task, safe_reward
 
@@ -119,11 +120,11 @@ def make_exact_kl(graphdef: nnx.GraphDef, mesh: Mesh | None = None, chunk: int =
         rows = _kl_batch(*(np.asarray(getattr(batch, f)) for f in
                            ("tokens", "positions", "mask", "loss_mask")), devices)
         if mesh is not None:
-            rows = shard_batch(rows, mesh)
+            rows = to_global(rows, mesh)
             policy, base = (jax.device_put(w, state_shardings(w, mesh)) for w in (policy, base))
         sums, counts = jitted(policy, base, rows.tokens, rows.positions, rows.mask, rows.loss_mask)
         B = np.asarray(batch.tokens).shape[0]
-        sums, counts = np.asarray(sums, np.float64)[:B], np.asarray(counts)[:B]
+        sums, counts = fetch(sums).astype(np.float64)[:B], fetch(counts)[:B]
         if counts.sum() == 0:
             raise ValueError("exact KL: the batch has no completion tokens (loss_mask all False)")
         with np.errstate(invalid="ignore", divide="ignore"):

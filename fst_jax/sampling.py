@@ -34,6 +34,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from fst_jax.config import require
+from fst_jax.distributed import fetch
 from fst_jax.models.tokenizer import PromptTokenizer
 from fst_jax.models.transformer import KV, SharedKV, Transformer, positions_from_mask
 from fst_jax.padding import bucket, pad_rows
@@ -298,7 +299,7 @@ class Sampler:
                            self._put(row_ids), jax.random.key(seed), self._put(temp),
                            self._put(tp), self._put(tk), max_new=max_new_tokens or cfg.max_new_tokens)
         take = (plan.slot_of_prompt[:, None] * n + samples).reshape(-1)
-        tokens, logprobs, mask, finished = (np.asarray(a)[take] for a in out)
+        tokens, logprobs, mask, finished = (fetch(a)[take] for a in out)
         return Samples(prompts, n, tokens, logprobs, mask, mask.sum(1).astype(np.int32), finished)
 
     def prefill(self, params, plan: SharePlan, n: int = 1):

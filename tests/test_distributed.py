@@ -118,3 +118,62 @@ def test_two_processes_share_contexts_and_match_single_process_training(tmp_path
         for g, w in pairs:
             np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-4,
                                        err_msg=part)
+
+
+def _train_command(out: Path, *overrides: str) -> list[str]:
+    """The FST loop's CLI on the smoke config with the coin task (every group has variance)."""
+    return [sys.executable, str(REPO / "tests" / "coin_task.py"), "train", "--config",
+            str(REPO / "experiments" / "smoke_fst.yaml"), f"output_dir={out}",
+            "task=test_coin_arithmetic", "logging.tensorboard=false", *overrides]
+
+
+@pytest.mark.multiprocess
+def test_fst_loop_on_two_processes_follows_the_single_process_run(tmp_path):
+    """The whole loop (GEPA rounds with the policy reflector, rollouts, rewards, train steps,
+    evaluation, checkpoints) on 2 processes x 2 devices matches one process with 4 devices."""
+    base = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    overrides = ("eval.every=2", "eval.num_examples=4", "eval.k=2")
+    port = _free_port()
+    procs = []
+    try:
+        single = subprocess.Popen(
+            _train_command(tmp_path / "single", *overrides), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env={**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+        for pid in range(2):
+            procs.append(subprocess.Popen(
+                _train_command(tmp_path / "multi", *overrides), stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env={**base, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                     "FST_COORDINATOR": f"localhost:{port}", "FST_NUM_PROCESSES": "2",
+                     "FST_PROCESS_ID": str(pid)}))
+        logs = []
+        for name, proc in [("single", single), ("process 0", procs[0]), ("process 1", procs[1])]:
+            logs.append(proc.communicate(timeout=600)[0].decode())
+            assert proc.returncode == 0, f"{name} exited {proc.returncode}:\n{logs[-1][-3000:]}"
+        assert "process 1 of 2; mesh {'data': 4, 'fsdp': 1, 'tensor': 1} over 4 devices" in logs[2]
+    finally:
+        for proc in [*procs, single]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+    def read(run: str, stream: str) -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / run / f"{stream}.jsonl").read_text().splitlines()]
+
+    want, got = read("single", "steps"), read("multi", "steps")
+    assert [r["step"] for r in got] == [0, 1, 2, 3]  # process 0 alone wrote, once per step
+    for key in ("reward_mean", "reward_context_0", "reward_context_1", "completion_tokens", "loss", "kl",
+                "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in got], [r[key] for r in want], rtol=1e-4,
+                                   atol=1e-6, err_msg=key)
+    assert len({r["loss"] for r in got}) > 1  # the weights changed every step
+    contexts = lambda rows: [[c["context"] for c in r["contexts"]] for r in rows]  # noqa: E731
+    assert contexts(read("multi", "gepa")) == contexts(read("single", "gepa"))
+    evals = [read(run, "eval") for run in ("multi", "single")]
+    assert [r["step"] for r in evals[0]] == [0, 2, 4]
+    for key in ("eval/mean@2", "eval/pass@1", "eval/kl_to_base"):
+        np.testing.assert_allclose(*([r[key] for r in e] for e in evals), rtol=1e-4, atol=1e-6,
+                                   err_msg=key)
+    saved = sorted(p.name for p in (tmp_path / "multi" / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] == "4"

@@ -231,6 +231,8 @@ def run_train_job(job: TrainJob, *, reflection_fn: Callable[[str], str] | None =
     out.mkdir(parents=True, exist_ok=True)
     save_config(job, out / "config.yaml")
     mesh = make_mesh(job.mesh)
+    log.info("process %d of %d; mesh %s over %d devices", jax.process_index(), jax.process_count(),
+             dict(mesh.shape), mesh.size)
     model, tokenizer = load_model(job.model, job.dtype, job.sampling.max_context_tokens, job.seed,
                                   job.remat)
     sampler = Sampler(model, tokenizer, job.sampling, mesh)
