@@ -25,10 +25,16 @@ import functools
 import io
 import json
 import logging
+import multiprocessing
+import os
 import random
 import re
+import tempfile
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable
+
+import numpy as np
 
 from fst_jax.config import ConfigError, require
 from fst_jax.tasks.answers import extract_answer, format_hint
@@ -49,11 +55,15 @@ ORIGINAL_PROMPT = (
 _GENERATOR_DEFAULTS: dict[str, dict[str, Any]] = {"codeio": {"input_prediction_probability": 1.0}}
 _VIRTUAL_SIZE = 1_000_000
 # Generators whose items can depend on global random state (codeio: some shipped programs call
-# random.* themselves): each item is generated twice under different global seeds and dropped if
-# the answers differ, since such a problem has no single right answer. reasoning-gym runs codeio's
-# shipped reference programs in this process to make an item (its own design; they are vetted
-# data, not model output); what they print is swallowed.
+# random.* or numpy.random.* themselves, or put a fresh temporary file's name into the question): each item is
+# generated twice under different global seeds and dropped if the question or the answer differs,
+# since such a problem has no fixed text or no single right answer. reasoning-gym runs codeio's
+# shipped reference programs to make an item (its own design; they are vetted data, not model
+# output); what they print is swallowed.
 _CHECK_DETERMINISM = {"codeio"}
+# Generators whose shipped programs write files (into the working directory, or temporary files
+# they never remove) while an item is made.
+_EXECUTES_CODE = {"codeio"}
 
 
 class ReasoningGymTask:
@@ -92,49 +102,50 @@ class ReasoningGymTask:
         self._scorer = self._dataset(0)
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
-        """``n`` distinct problems of ``split`` ("train" or "test"); ids ``rg:<gen>-<split>-<seed>-<i>``."""
+        """``n`` distinct problems of ``split`` ("train" or "test"); ids ``rg:<gen>-<split>-<seed>-<i>``.
+
+        Generators in ``_EXECUTES_CODE`` make their items in a child process whose working and
+        temporary-file directory is a temporary one (removed afterwards), since their programs
+        write files, and
+        whose string hashing is seeded (``PYTHONHASHSEED=0``), since some programs iterate over
+        sets of strings: every process, run and resume gets the same problems."""
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        dataset = self._dataset(zlib.crc32(f"{self.generator}|{split}|{seed}".encode()))
-        want_test, seen, out, broken = split == "test", set(), [], 0
-        for idx in range(100 * n + 1000):
-            if len(out) == n:
-                break
-            try:
-                item = self._item(dataset, idx)
-            except Exception as e:  # a generator bug on one item (e.g. a codeio program whose output is not JSON)
-                broken += 1
-                log.debug("%s item %d failed: %s: %s", self.name, idx, type(e).__name__, e)
-                continue
-            if item is None:
-                continue
-            question = item["question"]
-            if question in seen or in_test_split(question, self.test_fraction) != want_test:
-                continue
-            seen.add(question)
-            out.append(Example(id=f"{self.name}-{split}-{seed}-{len(out)}", prompt=question,
-                               answer=str(item["answer"]), metadata={"entry": item}))
+        dataset_seed = zlib.crc32(f"{self.generator}|{split}|{seed}".encode())
+        if self.generator in _EXECUTES_CODE:
+            with (tempfile.TemporaryDirectory(prefix="fst_rg_") as work, _hash_seed_zero(),
+                  ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=_work_in, initargs=(work,)) as child):
+                items, broken = child.submit(_collect, self, dataset_seed, n, split == "test").result()
+        else:
+            items, broken = _collect(self, dataset_seed, n, split == "test")
         if broken:
             log.warning("%s: skipped %d items whose generation raised", self.name, broken)
-        if len(out) < n:
-            raise ValueError(f"{self.name} gave only {len(out)} distinct {split} problems of {n} asked; "
+        if len(items) < n:
+            raise ValueError(f"{self.name} gave only {len(items)} distinct {split} problems of {n} asked; "
                              f"widen the generator's options")
-        return out
+        return [Example(id=f"{self.name}-{split}-{seed}-{i}", prompt=item["question"],
+                        answer=str(item["answer"]), metadata={"entry": item}) for i, item in enumerate(items)]
 
     def _item(self, dataset, idx: int) -> dict[str, Any] | None:
-        """Item ``idx``; None when it depends on the global random state (see _CHECK_DETERMINISM)."""
+        """Item ``idx``; None when it depends on the global random state (see _CHECK_DETERMINISM).
+        A kept item is the one made under global seed 0 (``random`` and ``numpy.random``), so
+        every process makes the same one."""
         if self.generator not in _CHECK_DETERMINISM:
             return dataset[idx]
-        state = random.getstate()
+        state, np_state = random.getstate(), np.random.get_state()
         try:
             items = []
             for global_seed in (0, 1):
                 random.seed(global_seed)
+                np.random.seed(global_seed)
                 with contextlib.redirect_stdout(io.StringIO()):
                     items.append(dataset[idx])
         finally:
             random.setstate(state)
-        return items[0] if items[0]["answer"] == items[1]["answer"] else None
+            np.random.set_state(np_state)
+        same = all(items[0][k] == items[1][k] for k in ("question", "answer"))
+        return items[0] if same else None
 
     def reward(self, example: Example, completion: str) -> tuple[float, str]:
         """Binarised (or partial) generator score of the extracted answer, and feedback."""
@@ -152,6 +163,47 @@ class ReasoningGymTask:
         detail = DETAILS.get(self.generator, lambda a, e: "")(got.text, example)
         partial = f" It earns partial credit {raw:.2f}." if 0 < raw < 1 else ""
         return score, " ".join(x for x in (f"Your answer {_quote(got.text)} is wrong.{partial}", detail, right) if x) + fmt
+
+
+def _work_in(directory: str) -> None:
+    """A child's working directory and ``tempfile`` directory become ``directory``."""
+    os.chdir(directory)
+    tempfile.tempdir = directory
+
+
+@contextlib.contextmanager
+def _hash_seed_zero():
+    """``PYTHONHASHSEED=0`` in the environment that child processes started inside inherit."""
+    before = os.environ.get("PYTHONHASHSEED")
+    os.environ["PYTHONHASHSEED"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["PYTHONHASHSEED"]
+        else:
+            os.environ["PYTHONHASHSEED"] = before
+
+
+def _collect(task: ReasoningGymTask, dataset_seed: int, n: int, want_test: bool) -> tuple[list[dict], int]:
+    """Up to ``n`` distinct items of the split, and how many items raised while generated."""
+    dataset, seen, out, broken = task._dataset(dataset_seed), set(), [], 0
+    for idx in range(100 * n + 1000):
+        if len(out) == n:
+            break
+        try:
+            item = task._item(dataset, idx)
+        except Exception as e:  # a generator bug on one item (e.g. a codeio program whose output is not JSON)
+            broken += 1
+            log.debug("%s item %d failed: %s: %s", task.name, idx, type(e).__name__, e)
+            continue
+        if item is None:
+            continue
+        if item["question"] in seen or in_test_split(item["question"], task.test_fraction) != want_test:
+            continue
+        seen.add(item["question"])
+        out.append(item)
+    return out, broken
 
 
 def _quote(text: str, limit: int = 200) -> str:

@@ -1,6 +1,7 @@
 """The reasoning-gym adapter: seeded disjoint splits, 0/1 scores, feedback with task detail."""
 
 import json
+import os
 
 import pytest
 
@@ -105,3 +106,41 @@ def test_codeio_full_credit_is_json_equality_whatever_the_spacing():
     ex = task.examples("train", 1)[0]
     respaced = json.dumps(json.loads(ex.answer), indent=2)
     assert task.reward(ex, f"<answer>{respaced}</answer>")[0] == 1.0
+
+
+def test_codeio_items_are_made_in_a_temporary_directory_and_agree_across_processes(tmp_path, monkeypatch):
+    """Train seed 1 holds a shipped program that writes ``temp_parameters.txt`` into its cwd, and
+    one that writes a word list to a fresh temporary file, names that file in its question and
+    breaks ties by the order of a set of strings (the interpreter's hash seed). A few shipped
+    programs draw from sources nothing seeds (one in 200 here: a Hopfield network), so the kept
+    set may differ in such an item between processes."""
+    import subprocess
+    import sys
+    import tempfile
+    import zlib
+
+    from fst_jax.tasks.reasoning_gym import _collect
+
+    task = make_task("rg:codeio")
+    inline = tmp_path / "inline"
+    inline.mkdir()
+    monkeypatch.chdir(inline)
+    monkeypatch.setattr(tempfile, "tempdir", str(inline))
+    _collect(task, zlib.crc32(b"codeio|train|1"), 200, want_test=False)
+    assert list(inline.iterdir())  # made in this process, the programs do write here
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    monkeypatch.chdir(clean)
+    monkeypatch.undo()
+    monkeypatch.chdir(clean)
+    temp_files = set(os.listdir(tempfile.gettempdir()))
+    got = [(e.prompt, e.answer) for e in task.examples("train", 200, seed=1)]
+    assert list(clean.iterdir()) == []
+    assert set(os.listdir(tempfile.gettempdir())) <= temp_files
+    script = ("import json; from fst_jax.tasks import make_task; print(json.dumps([(e.prompt, e.answer) "
+              "for e in make_task('rg:codeio').examples('train', 200, seed=1)]))")
+    for hash_seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONHASHSEED": hash_seed}, timeout=300).stdout
+        other = [tuple(x) for x in json.loads(out.splitlines()[-1])]
+        assert len(set(other) & set(got)) >= 198
