@@ -207,6 +207,28 @@ def compare_main(argv=None) -> int:
     return _run_reporting_errors(run)
 
 
+def plasticity_main(argv=None) -> int:
+    from fst_jax.jobs.plasticity import PlasticityJob, run_plasticity, write_plasticity_report
+
+    job, args = _load_job_and_flags(
+        PlasticityJob, argv, "Plasticity probe: phase A's comparison (if unfinished), then fresh RL "
+                             "on task B from each arm's weights (resumable), then one report.",
+        lambda p: p.add_argument("--report-only", action="store_true",
+                                 help="rebuild <probe.output_dir>/report from the arms; train nothing"))
+    if job is None:
+        return 2
+    _logging()
+
+    def run() -> int:
+        summary = write_plasticity_report(job) if args.report_only else run_plasticity(job)
+        if summary:
+            print(f"report: {job.probe.output_dir}/report/summary.md")
+            print(json.dumps(summary["per_arm"], indent=2))
+        return 0
+
+    return _run_reporting_errors(run)
+
+
 def plot_main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Draw the figures of a training run folder.")
     parser.add_argument("run_dir")
@@ -234,7 +256,7 @@ def prepare_main(argv=None) -> int:
 
 
 COMMANDS = {"sample": sample_main, "gepa": gepa_main, "train": train_main, "compare": compare_main,
-            "plot": plot_main, "prepare-model": prepare_main}
+            "plasticity": plasticity_main, "plot": plot_main, "prepare-model": prepare_main}
 
 
 def main(argv=None) -> int:

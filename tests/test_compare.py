@@ -84,6 +84,28 @@ def test_report_on_hand_made_runs_has_peak_steps_fits_ood_and_figures(tmp_path):
     assert json.loads((report / "summary.json").read_text()) == json.loads(json.dumps(summary))
 
 
+def test_continual_report_normalises_each_stage_by_the_best_mode_on_that_stages_task(tmp_path):
+    # two stages of 10 steps; evaluations every 5 steps on the stage's own task (the one at step
+    # 10 opens stage b, evaluated on b)
+    evals = {"rl": [("a", 0, .1), ("a", 5, .4), ("b", 10, .0), ("b", 15, .2), ("b", 20, .3)],
+             "fst": [("a", 0, .1), ("a", 5, .2), ("b", 10, .5), ("b", 15, .6), ("b", 20, .1)]}
+    for mode, rows in evals.items():
+        (tmp_path / mode).mkdir()
+        (tmp_path / mode / "steps.jsonl").write_text("".join(
+            json.dumps({"step": s, "mode": mode, "reward_mean": 0.0}) + "\n" for s in range(20)))
+        (tmp_path / mode / "eval.jsonl").write_text("".join(
+            json.dumps({"step": s, "mode": mode, "task": t, "eval/mean@2": v}) + "\n" for t, s, v in rows))
+    job = load_config(TrainJob, SMOKE, [f"output_dir={tmp_path}", "eval.every=5", "eval.k=2", "steps=20",
+                                        "schedule=[{task: a, steps: 10}, {task: b, steps: 10}]"])
+    summary = write_report(job, modes=("rl", "fst"), two_by_two=False)
+    a, b = summary["continual"]
+    assert (a["task"], a["start"], a["end"], b["start"], b["end"]) == ("a", 0, 10, 10, 20)
+    assert a["best"] == {"rl": 0.4, "fst": 0.2} and a["normalised"] == {"rl": 1.0, "fst": 0.5}
+    assert b["best"] == {"rl": 0.3, "fst": 0.6} and b["normalised"] == {"rl": 0.5, "fst": 1.0}
+    assert "continual.png" in summary["figures"] and (tmp_path / "report" / "continual.png").exists()
+    assert "| a | 0-10 | 1.000 (0.400) | 0.500 (0.200) |" in (tmp_path / "report" / "summary.md").read_text()
+
+
 def test_run_compare_skips_finished_modes_and_stops_at_a_mode_that_stopped_early(tmp_path, monkeypatch):
     import fst_jax.jobs.compare as compare
 

@@ -12,6 +12,7 @@ import pytest
 from fst_jax.config import load_config, save_config
 from fst_jax.dryrun import GIB
 from fst_jax.fast.job import GEPAJob
+from fst_jax.jobs.plasticity import PlasticityJob
 from fst_jax.jobs.preflight import batch_shape, model_config
 from fst_jax.jobs.train import TrainJob
 from fst_jax.models import configs
@@ -20,7 +21,7 @@ from fst_jax.tasks import make_task
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 SETUPS = ("codeio", "math", "hover_hard", "star_graph", "continual", "plasticity")
 JOBS = {"gepa_": GEPAJob, "smoke_": TrainJob, "fst_": TrainJob,
-        **{f"{setup}_": TrainJob for setup in SETUPS}}
+        **{f"{setup}_": TrainJob for setup in SETUPS}, "plasticity_": PlasticityJob}
 
 
 def _job_class(path: Path):
@@ -28,6 +29,9 @@ def _job_class(path: Path):
 
 
 def _load(name: str) -> TrainJob:
+    """The setup's training job (for plasticity: phase B, the probe)."""
+    if name.startswith("plasticity_"):
+        return load_config(PlasticityJob, EXPERIMENTS / name).probe
     return load_config(TrainJob, EXPERIMENTS / name)
 
 
@@ -46,7 +50,7 @@ def test_each_paper_setup_has_a_cpu_config_on_the_bundled_model_saying_what_it_s
     job = _load(path.name)
     text = path.read_text().lower()
     assert "stand" in text and "paper" in text, f"{path.name} must say which paper task it stands in for"
-    assert job.model in ("smollm2-135m-instruct", "runs/math_cpu/fst/hf")  # plasticity: phase A's weights
+    assert job.model == "smollm2-135m-instruct"
     assert job.eval.every > 0 and job.target.device_memory_gib is None
     for stage in job.stages():  # the tasks and their options build here
         assert make_task(stage.task, **stage.task_options).examples("train", 2, seed=job.data.seed)
@@ -72,6 +76,18 @@ def test_continual_configs_switch_between_three_tasks_with_the_same_task_agnosti
         assert len({st.task for st in stages}) == 3 and {st.steps for st in stages} == {per_stage}
         prompts = {(st.task_options["seed_context"], st.task_options["original_prompt"]) for st in stages}
         assert len(prompts) == 1
+
+
+@pytest.mark.parametrize("size", ("cpu", "pod"))
+def test_plasticity_arms_start_from_phase_as_exported_weights_and_the_base_model(size):
+    job = load_config(PlasticityJob, EXPERIMENTS / f"plasticity_{size}.yaml")
+    phase_a = job.phase_a_job()
+    assert job.phase_a == f"experiments/math_{size}.yaml" and job.arms == ("base", "rl", "fst")
+    assert job.arm_job("base").model == phase_a.model == job.probe.model
+    for arm in ("rl", "fst"):
+        assert job.arm_job(arm).model == f"{phase_a.output_dir}/{arm}/hf"
+    assert len({job.arm_job(a).output_dir for a in job.arms}) == 3
+    assert job.probe.task != phase_a.task
 
 
 def test_star_graph_configs_use_reasoning_gyms_path_star():

@@ -52,7 +52,7 @@ def mode_job(job: TrainJob, mode: str) -> TrainJob:
                                export_hf=True, checkpoint=ckpt)
 
 
-def _finished(job: TrainJob) -> bool:
+def finished(job: TrainJob) -> bool:
     result = Path(job.output_dir) / "result.json"
     if not result.exists():
         return False
@@ -71,7 +71,7 @@ def run_compare(job: TrainJob, modes: Sequence[str] = MODES, *,
             f"modes must be distinct names from {MODES}, got {list(modes)}")
     for mode in modes:
         sub = mode_job(job, mode)
-        if _finished(sub):
+        if finished(sub):
             log.info("compare: %s already finished (%s)", mode, sub.output_dir)
             continue
         log.info("compare: running %s in %s", mode, sub.output_dir)
@@ -140,6 +140,42 @@ def kl_at_matched_reward(runs: Mapping[str, Run], key: str) -> dict[str, Any]:
     first = {m: next(p for p in c if p[1] >= level) for m, c in curves.items()}
     return {"reward": level, "kl": {m: p[2] for m, p in first.items()},
             "step": {m: p[0] for m, p in first.items()}}
+
+
+def continual_table(runs: Mapping[str, Run], job: TrainJob, key: str) -> list[dict[str, Any]]:
+    """Per schedule stage: each mode's best ``key`` over its evaluations on that stage's task
+    within the stage (steps ``start`` to ``end``, the evaluation at ``end`` included), and that
+    value normalised by the best any mode reached in the stage (None where no mode evaluated)."""
+    table, start = [], 0
+    for stage in job.stages():
+        end = start + stage.steps
+        best = {m: max((float(r[key]) for r in run.eval if r.get("task") == stage.task
+                        and start <= r["step"] <= end and r.get(key) is not None), default=None)
+                for m, run in runs.items()}
+        top = max((v for v in best.values() if v is not None), default=None)
+        table.append({"task": stage.task, "start": start, "end": end, "best": best,
+                      "normalised": {m: (v / top if top else None) if v is not None else None
+                                     for m, v in best.items()}})
+        start = end
+    return table
+
+
+def _plot_continual(table: list[dict[str, Any]], path: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    modes = list(table[0]["normalised"])
+    width = 0.8 / max(1, len(modes))
+    for i, mode in enumerate(modes):
+        vals = [row["normalised"][mode] or 0.0 for row in table]
+        ax.bar(np.arange(len(table)) + i * width, vals, width, label=mode)
+    ax.set_xticks(np.arange(len(table)) + width * (len(modes) - 1) / 2,
+                  [f"{row['task']}\n{row['start']}-{row['end']}" for row in table], fontsize=7)
+    ax.set(ylabel="best accuracy in stage / best of any mode", title="Continual learning, per stage")
+    ax.legend()
+    fig.savefig(path, dpi=120)
+    return path
 
 
 # -- the 2x2 ------------------------------------------------------------------------------
@@ -307,6 +343,17 @@ def _markdown(summary: dict[str, Any]) -> str:
                   "Evolved context:", "", "```", tbt["contexts"]["evolved"], "```"]
     else:
         lines.append(f"Not computed: {tbt['skipped']}")
+    if summary["continual"]:
+        modes_c = list(summary["continual"][0]["best"])
+        lines += ["", f"## Continual learning: best {key} per stage, normalised by the best mode", "",
+                  "| stage | steps | " + " | ".join(modes_c) + " |", "|---" * (len(modes_c) + 2) + "|"]
+        for row in summary["continual"]:
+            lines.append(f"| {row['task']} | {row['start']}-{row['end']} | " + " | ".join(
+                f"{_num(row['normalised'][m], 3)} ({_num(row['best'][m], 3)})" for m in modes_c) + " |")
+        means = {m: [r["normalised"][m] for r in summary["continual"] if r["normalised"][m] is not None]
+                 for m in modes_c}
+        lines.append("| mean over stages | | " + " | ".join(
+            _num(float(np.mean(v)), 3) if v else "-" for v in means.values()) + " |")
     ood = {m: n["ood"] for m, n in summary["per_mode"].items() if n["ood"]}
     lines += ["", "## Out-of-distribution tasks (original prompt, last evaluation)", ""]
     if ood:
@@ -354,12 +401,16 @@ def write_report(job: TrainJob, modes: Sequence[str] = MODES, *, two_by_two: boo
     figures.append(_plot_training_reward(runs, out / "training_reward.png").name)
     figures.append(_plot_fits(runs, {m: n["sigmoid"] for m, n in per_mode.items()}, key,
                               out / "sigmoid_fits.png").name)
+    continual = continual_table(runs, job, key) if len(job.stages()) > 1 else None
+    if continual:
+        figures.append(_plot_continual(continual, out / "continual.png").name)
     summary = {
         "task": " -> ".join(st.task for st in job.stages()), "model": job.model, "steps": job.steps, "modes": list(runs),
         "problems_per_step": job.problems_per_step, "samples_per_problem": job.samples_per_problem,
         "eval_examples": job.eval.num_examples, "eval_every": job.eval.every, "reward_key": key,
         "per_mode": per_mode, "steps_to_rl_peak": peak,
         "kl_at_matched_reward": kl_at_matched_reward(runs, key), "two_by_two": tbt,
+        "continual": continual,
         "contexts_kept": {m: run.contexts for m, run in runs.items() if m != "rl" and run.contexts},
         "figures": figures,
     }
