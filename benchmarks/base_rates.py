@@ -64,6 +64,8 @@ def main():
     parser.add_argument("--max-prompts-per-batch", type=int, default=16)
     parser.add_argument("--out", default="benchmarks/results_base_rates")
     parser.add_argument("--tables-only", action="store_true", help="rewrite .json/.md from .jsonl, measure nothing")
+    parser.add_argument("--skip-measured", action="store_true",
+                        help="leave out tasks that <out>.jsonl already has (a stopped run continues)")
     args = parser.parse_args()
     if args.tables_only:
         write_tables(args.out)
@@ -71,7 +73,11 @@ def main():
     config = SamplingConfig(max_new_tokens=args.max_new_tokens, max_prompts_per_batch=args.max_prompts_per_batch,
                             prompt_buckets=(128, 256, 512, 1024, 2048, 4096))
     sampler = Sampler.load("smollm2-135m-instruct", config)
-    for name in args.tasks.split(","):
+    measured = set()
+    if args.skip_measured and os.path.exists(args.out + ".jsonl"):
+        with open(args.out + ".jsonl") as f:
+            measured = {json.loads(line)["task"] for line in f if line.strip()}
+    for name in [t for t in args.tasks.split(",") if t not in measured]:
         try:
             row = measure(sampler, name, args.n, args.max_new_tokens)
         except Exception as e:  # one broken task must not lose the others' numbers
@@ -95,10 +101,12 @@ def write_tables(out: str) -> None:
     rows = list(by_task.values())
     with open(out + ".json", "w") as f:
         json.dump(rows, f, indent=1)
-    lines = ["| task | greedy accuracy | mean@4 (T=1) | any of 4 | headroom (5-60%) |", "|---|---|---|---|---|"]
+    lines = ["| task | greedy accuracy | mean@4 (T=1) | any of 4 | headroom (5-60%) | max new tokens | seconds |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         head = "yes" if 0.05 <= max(r["greedy_accuracy"], r["mean_at_4"]) and min(r["greedy_accuracy"], r["mean_at_4"]) <= 0.60 else "no"
-        lines.append(f"| {r['task']} | {r['greedy_accuracy']:.3f} | {r['mean_at_4']:.3f} | {r['any_of_4']:.3f} | {head} |")
+        lines.append(f"| {r['task']} | {r['greedy_accuracy']:.3f} | {r['mean_at_4']:.3f} | {r['any_of_4']:.3f} | {head} "
+                     f"| {r['max_new_tokens']} | {r['seconds']:.0f} |")
     settings = sorted({(r["n"], r["max_new_tokens"]) for r in rows})
     note = (f"\nSmolLM2-135M-Instruct (bundled, fp32, CPU), test problems (seed 0) per task as (n, max new "
             f"tokens) = {settings}, each task's seed context (task-agnostic).\n")
