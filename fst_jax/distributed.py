@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -83,6 +83,35 @@ def fetch(x: jax.Array) -> np.ndarray:
     if x.is_fully_addressable or x.is_fully_replicated:
         return np.asarray(x)
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def all_gather_host_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj`` (JSON round-tripped), in process order, on every process. All
+    processes must call it."""
+    if jax.process_count() == 1:
+        return [json.loads(json.dumps(obj))]
+    payload = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([payload.size], np.int32))).reshape(-1)
+    buffer = np.zeros(max(_MIN_BUFFER, 1 << (int(sizes.max()) - 1).bit_length()), np.uint8)
+    buffer[:payload.size] = payload
+    buffers = np.asarray(multihost_utils.process_allgather(buffer))
+    return [json.loads(buffers[p, :sizes[p]].tobytes().decode()) for p in range(len(sizes))]
+
+
+def scored_by_slices(score: Callable[[Sequence, Sequence[str]], list[tuple[float, str]]]):
+    """``score(examples, completions) -> [(score, feedback)]`` where each process scores only
+    its contiguous share of the rows (process ``i`` of ``P``: rows ``n*i//P`` to
+    ``n*(i+1)//P``) and every process gets every row's result, in row order. All processes
+    must call it with the same rows."""
+    def run(examples: Sequence, completions: Sequence[str]) -> list[tuple[float, str]]:
+        if jax.process_count() == 1:
+            return score(examples, completions)
+        n, P, i = len(examples), jax.process_count(), jax.process_index()
+        lo, hi = n * i // P, n * (i + 1) // P
+        mine = score(examples[lo:hi], completions[lo:hi])
+        return [(float(s), str(f)) for part in all_gather_host_objects(mine) for s, f in part]
+
+    return run
 
 
 def all_processes_agree(flag: bool) -> bool:

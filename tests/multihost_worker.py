@@ -29,6 +29,7 @@ from fst_jax.rl.train_step import (LearnerConfig, TrainState, init_train_state,
 CONTEXTS = ["Answer with a number only.", "Think step by step, then answer.", "Réponds vite."]
 STEPS = 4
 GLOBAL_BATCH = 8
+SCORED_ROWS = 7  # rows scored by distributed.scored_by_slices (not divisible by 2 on purpose)
 # The project's learner: CISPO with a k3 KL penalty to a reference copy, AdamW with warm-up.
 CFG = LearnerConfig(kl=KLConfig(estimator="k3", beta=0.01),
                     optimizer=OptimizerConfig(lr=1e-2, warmup_steps=2))
@@ -77,7 +78,14 @@ def main(port: str, process_id: str, num_processes: str, out_dir: str) -> None:
                               save_every_minutes=1e-9)  # clock rule: decided by process 0
     with Checkpointer(config) as ckpt:
         saved = ckpt.maybe_save(STEPS, state, {"contexts": contexts})
-    result = {"contexts": contexts, "losses": losses, "saved": saved,
+    seen = []
+
+    def score(examples, completions):  # records which rows this process scored
+        seen.extend(examples)
+        return [(float(x) / 10, f"row {x}: {c}") for x, c in zip(examples, completions)]
+
+    scored = distributed.scored_by_slices(score)(list(range(SCORED_ROWS)), [f"c{r}" for r in range(SCORED_ROWS)])
+    result = {"contexts": contexts, "losses": losses, "saved": saved, "scored_here": seen, "scored": scored,
               "local_rows": process_rows(mesh, GLOBAL_BATCH),
               "process_count": jax.process_count(), "device_count": jax.device_count()}
     (Path(out_dir) / f"process_{process_id}.json").write_text(json.dumps(result))

@@ -95,6 +95,11 @@ def test_two_processes_share_contexts_and_match_single_process_training(tmp_path
     assert [r["contexts"] for r in results] == [worker.CONTEXTS] * 2
     assert all(r["process_count"] == 2 and r["device_count"] == 4 for r in results)
 
+    # (a') each process scored only its share of the rows, and every process has every result
+    assert [r["scored_here"] for r in results] == [[0, 1, 2], [3, 4, 5, 6]]
+    want_scored = [[r / 10, f"row {r}: c{r}"] for r in range(worker.SCORED_ROWS)]
+    assert [r["scored"] for r in results] == [want_scored] * 2
+
     # (b) each process fed only its half of the batch to the project's train_step, and the
     # sharded 2-process run follows the single-process run of the same global batch
     assert [r["local_rows"] for r in results] == [[0, 1, 2, 3], [4, 5, 6, 7]]

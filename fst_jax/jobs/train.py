@@ -24,6 +24,7 @@ import json
 import logging
 import signal
 import time
+import types
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -163,7 +164,9 @@ class _StopSignal:
 
 
 class _Stage:
-    """A schedule stage at run time: its task, problem stream, reward pool and step range."""
+    """A schedule stage at run time: its task, problem stream, reward pool and step range.
+    ``scorer`` (``.task``, ``.score``) scores through the pool, each process its own share of
+    the rows (``distributed.scored_by_slices``), for the rollouts and the GEPA rounds alike."""
 
     def __init__(self, cfg: StageConfig, start: int, job: TrainJob):
         self.task = make_task(cfg.task, **cfg.task_options)
@@ -171,6 +174,7 @@ class _Stage:
         self.stream = ProblemStream(self.task.examples("train", job.data.train_examples, seed=job.data.seed),
                                     job.problems_per_step, job.data.shuffle_seed)
         self.pool = RewardPool(self.task, job.rewards)
+        self.scorer = types.SimpleNamespace(task=self.task, score=distributed.scored_by_slices(self.pool.score))
 
 
 def _build_stages(job: TrainJob) -> list[_Stage]:
@@ -286,7 +290,7 @@ def run_train_job(job: TrainJob, *, reflection_fn: Callable[[str], str] | None =
                 result = run_gepa_round(
                     sampler, policy, task, anchor, seeds,
                     dataclasses.replace(job.fast.gepa, seed=job.fast.gepa.seed + step // T),
-                    policy_step=step, reflection_fn=reflection_fn, scorer=st.pool,
+                    policy_step=step, reflection_fn=reflection_fn, scorer=st.scorer,
                     reflection_lm=reflection_lm)
                 members = result.members
                 seconds["fast"] = time.perf_counter() - t0
@@ -298,7 +302,7 @@ def run_train_job(job: TrainJob, *, reflection_fn: Callable[[str], str] | None =
                 _evaluate(hook, writers, progress, step, job.mode, sampler, policy, base, task,
                           contexts, original)
             progress.set_description("rollout")
-            ro = rollout(sampler, policy, st.stream.next_batch(), contexts, G, st.pool.score,
+            ro = rollout(sampler, policy, st.stream.next_batch(), contexts, G, st.scorer.score,
                          seed=(job.seed * 1_000_003 + step) % 2**31, advantage=cfg.advantage)
             seconds.update(ro.seconds)
             metrics: dict[str, float] = {}
