@@ -8,7 +8,8 @@ scale when its rates sit between about 5% and 60%. One JSON line per task goes t
 and a markdown table ``<out>.md``.
 
     nice -n 10 python benchmarks/base_rates.py [--tasks arithmetic,codeio,rg:path_star] [--n 64]
-        [--max-new-tokens 256] [--out benchmarks/results_base_rates] [--tables-only]
+        [--max-new-tokens 256] [--task-options '{"max_terms": 3}'] [--skip-measured]
+        [--out benchmarks/results_base_rates] [--tables-only]
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def generate(sampler, pairs, n, temperature, seed, max_new_tokens):
     return out
 
 
-def measure(sampler, name: str, n: int, max_new_tokens: int) -> dict:
-    task = make_task(name)
+def measure(sampler, name: str, n: int, max_new_tokens: int, options: dict, label: str) -> dict:
+    task = make_task(name, **options)
     examples = task.examples("test", n, seed=0)
     pairs = [(task.seed_context, ex.prompt) for ex in examples]
     start = time.perf_counter()
@@ -48,7 +49,7 @@ def measure(sampler, name: str, n: int, max_new_tokens: int) -> dict:
     sampled = generate(sampler, pairs, 4, 1.0, 1, max_new_tokens)
     g = [safe_reward(task, ex, outs[0])[0] for ex, outs in zip(examples, greedy)]
     s = [sum(safe_reward(task, ex, o)[0] for o in outs) / len(outs) for ex, outs in zip(examples, sampled)]
-    return {"task": name, "n": n, "greedy_accuracy": sum(g) / n, "mean_at_4": sum(s) / n,
+    return {"task": label, "n": n, "greedy_accuracy": sum(g) / n, "mean_at_4": sum(s) / n,
             "any_of_4": sum(x > 0 for x in s) / n, "max_new_tokens": max_new_tokens,
             "seconds": round(time.perf_counter() - start, 1),
             "example_greedy": {"prompt_tail": examples[0].prompt[-200:], "completion": greedy[0][0][:400],
@@ -64,6 +65,9 @@ def main():
     parser.add_argument("--max-prompts-per-batch", type=int, default=16)
     parser.add_argument("--out", default="benchmarks/results_base_rates")
     parser.add_argument("--tables-only", action="store_true", help="rewrite .json/.md from .jsonl, measure nothing")
+    parser.add_argument("--task-options", default="{}",
+                        help="JSON options for the tasks (e.g. a generator's difficulty); rows are "
+                             "labelled '<task> <options>'")
     parser.add_argument("--skip-measured", action="store_true",
                         help="leave out tasks that <out>.jsonl already has (a stopped run continues)")
     args = parser.parse_args()
@@ -77,9 +81,13 @@ def main():
     if args.skip_measured and os.path.exists(args.out + ".jsonl"):
         with open(args.out + ".jsonl") as f:
             measured = {json.loads(line)["task"] for line in f if line.strip()}
-    for name in [t for t in args.tasks.split(",") if t not in measured]:
+    options = json.loads(args.task_options)
+    for name in args.tasks.split(","):
+        label = f"{name} {json.dumps(options, sort_keys=True)}" if options else name
+        if label in measured:
+            continue
         try:
-            row = measure(sampler, name, args.n, args.max_new_tokens)
+            row = measure(sampler, name, args.n, args.max_new_tokens, options, label)
         except Exception as e:  # one broken task must not lose the others' numbers
             print(json.dumps({"task": name, "error": f"{type(e).__name__}: {e}"}), flush=True)
             continue

@@ -4,12 +4,18 @@
 # Every part resumes: measured base rates are skipped and each comparison continues from its
 # checkpoints, so start it in the background early in every working session:
 #   nohup experiments/run_small_scale.sh > runs/small_scale.log 2>&1 &
-# Arguments: the comparison configs to run, in order (default: experiments/math_cpu.yaml).
+# Arguments: the comparison configs to run, in order (default: math_cpu, then math_rg_cpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p runs
 nice -n 5 python benchmarks/base_rates.py --skip-measured --max-new-tokens 128 --tasks \
   rg:basic_arithmetic,rg:family_relationships,rg:knights_knaves,rg:gsm_symbolic,rg:path_star,rg:zebra_puzzles,rg:codeio
-for config in "${@:-experiments/math_cpu.yaml}"; do
+# An easier generator setting with headroom at 135M (two or three 1-2 digit terms, + and -):
+# the second small-scale task (experiments/math_rg_cpu.yaml).
+nice -n 5 python benchmarks/base_rates.py --skip-measured --max-new-tokens 128 --tasks rg:basic_arithmetic \
+  --task-options '{"max_terms": 3, "max_digits": 2, "operators": ["+", "-"], "allow_parentheses": false, "allow_negation": false}'
+configs=("$@")
+[ ${#configs[@]} -gt 0 ] || configs=(experiments/math_cpu.yaml experiments/math_rg_cpu.yaml)
+for config in "${configs[@]}"; do
   fst-compare --config "$config"
 done
