@@ -82,6 +82,30 @@ def steps_to_reference_peak(runs: Mapping[str, tuple[Sequence[int], Sequence[flo
 
 
 # -- exact KL to the base model -----------------------------------------------------------
+def chunked_exact_kl(p_model: Any, q_model: Any, xp: jax.Array, xq: jax.Array,
+                     chunk: int = 128) -> jax.Array:
+    """Exact ``KL(p || q)`` per position, ``[B, T]`` float32: ``sum_v p(v) (log p(v) - log q(v))``
+    of the next-token distributions (temperature 1) that ``p_model.logits(xp)`` and
+    ``q_model.logits(xq)`` give, from hidden states ``xp``/``xq [B, T, D]`` of the same ``B x T``
+    positions (the rows themselves may differ: other prompts before the same completion).
+    Logits are formed ``chunk`` positions at a time, each chunk rematerialised in a backward
+    pass, so ``[B, T, V]`` is never held. Differentiable in both inputs: stop gradients at the
+    call site."""
+    B, T, D = xp.shape
+    if xq.shape[:2] != (B, T):
+        raise ValueError(f"hidden states cover different positions: {xp.shape} vs {xq.shape}")
+    n = -(-T // chunk)
+    split = lambda x: jnp.pad(x, ((0, 0), (0, n * chunk - T), (0, 0))).reshape(  # noqa: E731
+        B, n, chunk, x.shape[-1]).swapaxes(0, 1)
+
+    def one(c):
+        lp, lq = (jax.nn.log_softmax(m.logits(x), axis=-1) for m, x in zip((p_model, q_model), c))
+        return jnp.sum(jnp.exp(lp) * (lp - lq), axis=-1)
+
+    kl = jax.lax.map(jax.checkpoint(one), (split(xp), split(xq)))
+    return kl.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
+
+
 def make_exact_kl(graphdef: nnx.GraphDef, mesh: Mesh | None = None, chunk: int = 128
                   ) -> Callable[[nnx.State, nnx.State, Any], tuple[float, np.ndarray]]:
     """``kl(policy_weights, base_weights, batch) -> (token mean, per-row mean [B])``.
@@ -100,16 +124,7 @@ def make_exact_kl(graphdef: nnx.GraphDef, mesh: Mesh | None = None, chunk: int =
     def fn(policy, base, tokens, positions, mask, loss_mask):
         models = nnx.merge(graphdef, policy), nnx.merge(graphdef, base)
         xs = [m.hidden(tokens, positions, mask)[0][:, :-1] for m in models]
-        B, T1, D = xs[0].shape
-        n = -(-T1 // chunk)
-        split = lambda x: jnp.pad(x, ((0, 0), (0, n * chunk - T1), (0, 0))).reshape(  # noqa: E731
-            B, n, chunk, D).swapaxes(0, 1)
-
-        def one(c):
-            lp, lb = (jax.nn.log_softmax(m.logits(x), axis=-1) for m, x in zip(models, c))
-            return jnp.sum(jnp.exp(lp) * (lp - lb), axis=-1)
-
-        kl = jax.lax.map(one, tuple(split(x) for x in xs)).swapaxes(0, 1).reshape(B, -1)[:, :T1]
+        kl = chunked_exact_kl(*models, *xs, chunk)
         target = loss_mask[:, 1:]
         return jnp.where(target, kl, 0.0).sum(1), target.sum(1)
 
@@ -148,9 +163,11 @@ def _kl_batch(tokens, positions, mask, loss_mask, multiple: int) -> TrainBatch:
                       context_ids=zi)
 
 
-def samples_to_rows(samples: Any) -> TrainBatch:
+def samples_to_rows(samples: Any, multiple: int = 1) -> TrainBatch:
     """Sampler ``Samples`` -> ``TrainBatch`` rows ``[prompt (left-padded) | completion]`` with
-    ``loss_mask`` on the generated tokens (advantages, log-probs and rewards left at zero).
+    ``loss_mask`` on the generated tokens (advantages, log-probs and rewards left at zero); the
+    completion starts at column ``samples.prompts.tokens.shape[1]`` in every row. Empty rows pad
+    the count to a multiple of ``multiple`` (e.g. the devices the rows are sharded over).
 
     A stand-in until ``fst_jax.rollout`` offers the training-row conversion."""
     n = samples.n
@@ -159,7 +176,7 @@ def samples_to_rows(samples: Any) -> TrainBatch:
     loss_mask = np.concatenate([np.zeros_like(np.repeat(samples.prompts.mask, n, 0)),
                                 samples.mask], 1)
     positions = np.asarray(positions_from_mask(jnp.asarray(mask)), np.int32)
-    return _kl_batch(tokens.astype(np.int32), positions, mask, loss_mask, 1)
+    return _kl_batch(tokens.astype(np.int32), positions, mask, loss_mask, multiple)
 
 
 # -- the 2x2 decomposition ----------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 from fst_jax.config import load_config, save_config
 from fst_jax.dryrun import GIB
 from fst_jax.fast.job import GEPAJob
+from fst_jax.jobs.distill import DistillConfig
 from fst_jax.jobs.plasticity import PlasticityJob
 from fst_jax.jobs.preflight import batch_shape, model_config
 from fst_jax.jobs.train import TrainJob
@@ -20,7 +21,7 @@ from fst_jax.tasks import make_task
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 SETUPS = ("codeio", "math", "hover_hard", "star_graph", "continual", "plasticity")
-JOBS = {"gepa_": GEPAJob, "smoke_": TrainJob, "fst_": TrainJob,
+JOBS = {"gepa_": GEPAJob, "smoke_": TrainJob, "fst_distill_": DistillConfig, "fst_": TrainJob,
         **{f"{setup}_": TrainJob for setup in SETUPS}, "plasticity_": PlasticityJob}
 
 
@@ -88,6 +89,14 @@ def test_plasticity_arms_start_from_phase_as_exported_weights_and_the_base_model
         assert job.arm_job(arm).model == f"{phase_a.output_dir}/{arm}/hf"
     assert len({job.arm_job(a).output_dir for a in job.arms}) == 3
     assert job.probe.task != phase_a.task
+
+
+def test_fst_distill_cpu_distils_the_math_cpu_comparisons_fst_run_and_says_how_to_run_it():
+    path = EXPERIMENTS / "fst_distill_cpu.yaml"
+    cfg = load_config(DistillConfig, path)
+    assert cfg.run_dir == f"{_load('math_cpu.yaml').output_dir}/fst" != cfg.output_dir
+    command = "python -m fst_jax.jobs.distill --config experiments/fst_distill_cpu.yaml"
+    assert command in path.read_text()
 
 
 def test_star_graph_configs_use_reasoning_gyms_path_star():
