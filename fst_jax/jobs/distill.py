@@ -46,7 +46,7 @@ from fst_jax.data import ProblemStream
 from fst_jax.evaluation import EvaluationConfig, EvaluationHook, chunked_exact_kl, samples_to_rows
 from fst_jax.jobs.train import TrainJob, _floats
 from fst_jax.metrics import LoggingConfig, make_writers
-from fst_jax.rl.optimizer import OptimizerConfig, learning_rate, make_optimizer
+from fst_jax.rl.optimizer import OptimizerConfig, apply_if, learning_rate, make_optimizer
 from fst_jax.sampling import PromptBatch, Sampler, Samples
 from fst_jax.sharding import BATCH_AXES, batch_sharding, replicated, state_shardings
 from fst_jax.tasks import make_task
@@ -193,12 +193,7 @@ def make_distill_step(graphdef: nnx.GraphDef, state: DistillState, teacher: nnx.
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (count > 0)
 
-        def apply(operands):
-            params, opt_state = operands
-            updates, opt_state = opt.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
-
-        params, opt_state = jax.lax.cond(ok, apply, lambda x: x, (state.params, state.opt_state))
+        params, opt_state = apply_if(ok, opt, grads, state.params, state.opt_state)
         metrics = {"kl": loss, "tokens": count.astype(jnp.float32), "grad_norm": grad_norm,
                    "lr": schedule(state.step), "applied": ok.astype(jnp.float32)}
         return DistillState(params, opt_state, state.step + ok.astype(jnp.int32)), metrics

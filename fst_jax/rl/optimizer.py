@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -64,3 +65,14 @@ def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     if cfg.clip_norm > 0:
         return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
     return adamw
+
+
+def apply_if(ok: jax.Array, opt: optax.GradientTransformation, grads, params, opt_state):
+    """``(params, opt_state)`` after one ``opt`` update with ``grads`` where the traced bool
+    ``ok`` holds, unchanged otherwise (a skipped non-finite step)."""
+    def apply(operands):
+        params, opt_state = operands
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    return jax.lax.cond(ok, apply, lambda x: x, (params, opt_state))

@@ -32,7 +32,7 @@ from fst_jax.rl.kl import KL_ESTIMATORS, KLConfig
 from fst_jax.rl.lora import LoraConfig, init_lora, lora_adapters
 from fst_jax.rl.losses import (POLICY_LOSSES, LossConfig, aggregation_weights, policy_loss,
                                weighted_sum)
-from fst_jax.rl.optimizer import OptimizerConfig, learning_rate, make_optimizer
+from fst_jax.rl.optimizer import OptimizerConfig, apply_if, learning_rate, make_optimizer
 from fst_jax.sharding import batch_sharding, replicated, state_shardings
 
 sg = jax.lax.stop_gradient
@@ -251,13 +251,7 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (denom_raw > 0)
 
-        def apply(operands):
-            trainable, opt_state = operands
-            updates, opt_state = opt.update(grads, opt_state, trainable)
-            return optax.apply_updates(trainable, updates), opt_state
-
-        (params, lora), opt_state = jax.lax.cond(ok, apply, lambda x: x,
-                                                 (trainable, state.opt_state))
+        (params, lora), opt_state = apply_if(ok, opt, grads, trainable, state.opt_state)
         skipped = state.skipped + (~ok).astype(jnp.int32)
         new_state = state.replace(params=params, lora=lora, opt_state=opt_state,
                                   step=state.step + 1, skipped=skipped,
