@@ -167,9 +167,7 @@ def samples_to_rows(samples: Any, multiple: int = 1) -> TrainBatch:
     """Sampler ``Samples`` -> ``TrainBatch`` rows ``[prompt (left-padded) | completion]`` with
     ``loss_mask`` on the generated tokens (advantages, log-probs and rewards left at zero); the
     completion starts at column ``samples.prompts.tokens.shape[1]`` in every row. Empty rows pad
-    the count to a multiple of ``multiple`` (e.g. the devices the rows are sharded over).
-
-    A stand-in until ``fst_jax.rollout`` offers the training-row conversion."""
+    the count to a multiple of ``multiple`` (e.g. the devices the rows are sharded over)."""
     n = samples.n
     tokens = np.concatenate([np.repeat(samples.prompts.tokens, n, 0), samples.tokens], 1)
     mask = np.concatenate([np.repeat(samples.prompts.mask, n, 0), samples.mask], 1)
