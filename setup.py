@@ -50,6 +50,7 @@ setup(
             "fst-train=fst_jax.cli:train_main",
             "fst-compare=fst_jax.cli:compare_main",
             "fst-plasticity=fst_jax.cli:plasticity_main",
+            "fst-distill=fst_jax.cli:distill_main",
             "fst-plot=fst_jax.cli:plot_main",
             "fst-prepare-model=fst_jax.cli:prepare_main",
         ]

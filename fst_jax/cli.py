@@ -50,7 +50,12 @@ def _load_job(cls, argv, description: str):
 
 
 def _load_job_and_flags(cls, argv, description: str, add_flags=None):
-    """``_load_job`` plus the parsed arguments; ``add_flags(parser)`` adds command flags."""
+    """``_load_job`` plus the parsed arguments; ``add_flags(parser)`` adds command flags. Joins
+    a multi-process run first when the launch set ``FST_COORDINATOR`` (a no-op otherwise), so
+    every ``fst-*`` job command works under the launchers."""
+    from fst_jax.distributed import initialize
+
+    initialize()
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
@@ -229,6 +234,22 @@ def plasticity_main(argv=None) -> int:
     return _run_reporting_errors(run)
 
 
+def distill_main(argv=None) -> int:
+    from fst_jax.jobs.distill import DistillConfig, run_distill
+
+    cfg = _load_job(DistillConfig, argv, "FST-distill: distil a finished fst run's best context "
+                                         "into its weights, then evaluate without context.")
+    if cfg is None:
+        return 2
+    _logging()
+
+    def run() -> int:
+        print(json.dumps(run_distill(cfg), indent=2))
+        return 0
+
+    return _run_reporting_errors(run)
+
+
 def plot_main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Draw the figures of a training run folder.")
     parser.add_argument("run_dir")
@@ -256,14 +277,11 @@ def prepare_main(argv=None) -> int:
 
 
 COMMANDS = {"sample": sample_main, "gepa": gepa_main, "train": train_main, "compare": compare_main,
-            "plasticity": plasticity_main, "plot": plot_main, "prepare-model": prepare_main}
+            "plasticity": plasticity_main, "distill": distill_main, "plot": plot_main, "prepare-model": prepare_main}
 
 
 def main(argv=None) -> int:
-    from fst_jax.distributed import initialize
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    initialize()  # multi-host launches set FST_COORDINATOR etc.; a no-op otherwise
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: python -m fst_jax.cli {{{','.join(COMMANDS)}}} [--config FILE] [key=value ...]",
               file=sys.stderr)

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from fst_jax.cli import distill_main
 from fst_jax.config import ConfigError, load_config, save_config
 from fst_jax.fast.candidates import Member
 from fst_jax.jobs.distill import (DistillConfig, distill_batch, init_distill_state, load_sampler,
-                                  main, make_distill_step, read_run, reverse_kl, run_distill)
+                                  make_distill_step, read_run, reverse_kl, run_distill)
 from fst_jax.jobs.train import TrainJob
 from fst_jax.metrics import read_jsonl
 from fst_jax.models.loading import load_model
@@ -159,11 +160,11 @@ def test_run_dir_without_weights_or_contexts_or_of_mode_rl_is_a_clear_config_err
     assert not (tmp_path / "out").exists()
 
 
-def test_main_reports_a_missing_run_folder_in_one_line_and_rejects_bad_config(tmp_path, capsys):
-    assert main([f"run_dir={tmp_path / 'nothing'}", f"output_dir={tmp_path / 'out'}"]) == 1
+def test_cli_distill_reports_a_missing_run_folder_in_one_line_and_rejects_bad_config(tmp_path, capsys):
+    assert distill_main([f"run_dir={tmp_path / 'nothing'}", f"output_dir={tmp_path / 'out'}"]) == 1
     err = capsys.readouterr().err.strip()
     assert "no config.yaml" in err and len(err.splitlines()) == 1
-    assert main(["steps=0"]) == 2
+    assert distill_main(["steps=0"]) == 2
     assert "steps must be >= 1" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="output_dir"):
         DistillConfig(run_dir="runs/x", output_dir="runs/x")

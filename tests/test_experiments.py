@@ -95,7 +95,7 @@ def test_fst_distill_cpu_distils_the_math_cpu_comparisons_fst_run_and_says_how_t
     path = EXPERIMENTS / "fst_distill_cpu.yaml"
     cfg = load_config(DistillConfig, path)
     assert cfg.run_dir == f"{_load('math_cpu.yaml').output_dir}/fst" != cfg.output_dir
-    command = "python -m fst_jax.jobs.distill --config experiments/fst_distill_cpu.yaml"
+    command = "fst-distill --config experiments/fst_distill_cpu.yaml"
     assert command in path.read_text()
 
 

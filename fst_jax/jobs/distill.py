@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -370,26 +369,3 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
             summary["hf_folder"] = str(folder)
         (out / "result.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def main(argv=None) -> int:
-    """``python -m fst_jax.jobs.distill --config FILE [key=value ...]``."""
-    from fst_jax.cli import _load_job, _logging, _run_reporting_errors
-    from fst_jax.distributed import initialize
-
-    initialize()
-    cfg = _load_job(DistillConfig, argv, "FST-distill: distil a finished fst run's best context "
-                                         "into its weights, then evaluate without context.")
-    if cfg is None:
-        return 2
-    _logging()
-
-    def go() -> int:
-        print(json.dumps(run_distill(cfg), indent=2))
-        return 0
-
-    return _run_reporting_errors(go)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
