@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 mkdir -p runs
 nice -n 5 python benchmarks/base_rates.py --skip-measured --max-new-tokens 128 --tasks \
   rg:basic_arithmetic,rg:family_relationships,rg:knights_knaves,rg:gsm_symbolic,rg:path_star,rg:zebra_puzzles,rg:codeio
-# An easier generator setting with headroom at 135M (two or three 1-2 digit terms, + and -):
+# basic_arithmetic at easy settings (two or three 1-2 digit terms, + and -):
 # the second small-scale task (experiments/math_rg_cpu.yaml).
 nice -n 5 python benchmarks/base_rates.py --skip-measured --max-new-tokens 128 --tasks rg:basic_arithmetic \
   --task-options '{"max_terms": 3, "max_digits": 2, "operators": ["+", "-"], "allow_parentheses": false, "allow_negation": false}'
