@@ -62,6 +62,14 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def _padded(payload: bytes, size: int) -> np.ndarray:
+    """``payload`` in a zero uint8 buffer of a power of two >= ``size`` bytes, so that varying
+    payload sizes reuse a few compiled collectives."""
+    buffer = np.zeros(max(_MIN_BUFFER, 1 << (size - 1).bit_length()), np.uint8)
+    buffer[:len(payload)] = np.frombuffer(payload, np.uint8)
+    return buffer
+
+
 def broadcast_host_object(obj: Any) -> Any:
     """Process 0's ``obj``, JSON round-tripped, on every process (other processes' ``obj`` is
     ignored). All processes must call it. Tuples come back as lists, as with ``json``."""
@@ -69,11 +77,7 @@ def broadcast_host_object(obj: Any) -> Any:
         return json.loads(json.dumps(obj))
     payload = json.dumps(obj).encode() if is_primary() else b""
     size = int(multihost_utils.broadcast_one_to_all(np.int32(len(payload))))
-    # Pad to a power of two so that varying payload sizes reuse a few compiled broadcasts.
-    buffer = np.zeros(max(_MIN_BUFFER, 1 << (size - 1).bit_length()), np.uint8)
-    if is_primary():
-        buffer[:size] = np.frombuffer(payload, np.uint8)
-    buffer = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+    buffer = np.asarray(multihost_utils.broadcast_one_to_all(_padded(payload, size)))
     return json.loads(buffer[:size].tobytes().decode())
 
 
@@ -90,11 +94,9 @@ def all_gather_host_objects(obj: Any) -> list[Any]:
     processes must call it."""
     if jax.process_count() == 1:
         return [json.loads(json.dumps(obj))]
-    payload = np.frombuffer(json.dumps(obj).encode(), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.array([payload.size], np.int32))).reshape(-1)
-    buffer = np.zeros(max(_MIN_BUFFER, 1 << (int(sizes.max()) - 1).bit_length()), np.uint8)
-    buffer[:payload.size] = payload
-    buffers = np.asarray(multihost_utils.process_allgather(buffer))
+    payload = json.dumps(obj).encode()
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([len(payload)], np.int32))).reshape(-1)
+    buffers = np.asarray(multihost_utils.process_allgather(_padded(payload, int(sizes.max()))))
     return [json.loads(buffers[p, :sizes[p]].tobytes().decode()) for p in range(len(sizes))]
 
 

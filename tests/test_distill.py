@@ -46,7 +46,7 @@ def make_run_folder(folder: Path, mode: str = "fst", hf: bool = True,
 def distill_config(run_dir, output_dir, *overrides) -> DistillConfig:
     return load_config(DistillConfig, None, [
         f"run_dir={run_dir}", f"output_dir={output_dir}", "steps=2", "problems_per_step=2",
-        "samples_per_problem=2", "max_new_tokens=6", "lr=1e-3", "kl_chunk=4",
+        "samples_per_problem=2", "max_new_tokens=6", "optimizer.lr=1e-3", "kl_chunk=4",
         "eval.num_examples=2", "eval.k=1", "logging.tensorboard=false", "logging.progress=false",
         *overrides])
 
@@ -76,7 +76,7 @@ def stepped(setup):
     """Five distillation steps on the fixed batch: their losses, and the teacher's and student's
     weights before and after."""
     _, sampler, *_, batch = setup
-    cfg = distill_config("run", "out", "lr=2e-5")  # Adam's steps overshoot a KL this small at 1e-4
+    cfg = distill_config("run", "out", "optimizer.lr=2e-5")  # Adam's steps overshoot a KL this small at 1e-4
     teacher = sampler.params
     host = lambda tree: [np.array(x) for x in jax.tree.leaves(tree)]  # noqa: E731
     teacher_before = host(teacher)

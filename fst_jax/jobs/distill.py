@@ -21,7 +21,7 @@ completion tokens, seconds...), ``eval.jsonl``, ``result.json`` (kl first/last; 
 mean@k of the run weights without context before, of the student without context after, of the
 teacher with its context) and, with ``export_hf``, ``hf/``.
 
-    python -m fst_jax.jobs.distill --config experiments/fst_distill_cpu.yaml
+    fst-distill --config experiments/fst_distill_cpu.yaml
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ class DistillConfig:
     ``run_dir``: a finished run of mode fst (``hf/``, ``contexts.json``, ``config.yaml``) or
     gepa (no ``hf/``: its frozen weights are the run's ``model``); the task, data pool, mesh,
     dtype and prompt buckets are the run's. Sampling is unfiltered at ``temperature``.
-    ``lr``/``warmup_steps`` feed the project's AdamW (``rl.optimizer``). Evaluation runs before
+    ``optimizer`` is the project's AdamW config (``rl.optimizer``). Evaluation runs before
     and after (and every ``eval.every`` steps if > 0) with the original prompt only;
     ``eval.kl`` there is the exact KL of the student to the run's weights."""
 
@@ -71,8 +71,7 @@ class DistillConfig:
     steps: int = 20
     problems_per_step: int = 4
     samples_per_problem: int = 2
-    lr: float = 1e-5
-    warmup_steps: int = 0
+    optimizer: OptimizerConfig = OptimizerConfig(lr=1e-5, warmup_steps=0)
     max_new_tokens: int = 96
     temperature: float = 1.0
     kl_chunk: int = 128  # positions whose [B, chunk, V] logits are formed at once
@@ -89,17 +88,11 @@ class DistillConfig:
         require(self.steps >= 1, "steps must be >= 1")
         require(self.problems_per_step >= 1, "problems_per_step must be >= 1")
         require(self.samples_per_problem >= 1, "samples_per_problem must be >= 1")
-        require(self.lr > 0, "lr must be > 0")
-        require(self.warmup_steps >= 0, "warmup_steps must be >= 0")
         require(self.max_new_tokens >= 1, "max_new_tokens must be >= 1")
         require(self.temperature > 0, "temperature must be > 0 (the student's own samples)")
         require(self.kl_chunk >= 1, "kl_chunk must be >= 1")
         require(not self.eval.two_by_two, "eval.two_by_two must be false: there is one context "
                                           "here; result.json reports the teacher instead")
-
-    @property
-    def optimizer(self) -> OptimizerConfig:
-        return OptimizerConfig(lr=self.lr, warmup_steps=self.warmup_steps)
 
 
 # -- the pure step ------------------------------------------------------------------------

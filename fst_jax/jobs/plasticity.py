@@ -21,7 +21,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -89,11 +89,11 @@ def run_plasticity(job: PlasticityJob, *, max_steps_this_run: int | None = None)
     return write_plasticity_report(job)
 
 
-def write_plasticity_report(job: PlasticityJob, arms: Sequence[str] | None = None) -> dict[str, Any]:
+def write_plasticity_report(job: PlasticityJob) -> dict[str, Any]:
     """Read each arm's folder and write ``<probe.output_dir>/report/`` (see the module doc)."""
-    arms = tuple(job.arms if arms is None else arms)
-    runs = {arm: Run.read(job.arm_job(arm).output_dir, arm) for arm in arms
-            if (Path(job.arm_job(arm).output_dir) / "eval.jsonl").exists()}
+    jobs = {arm: job.arm_job(arm) for arm in job.arms}
+    runs = {arm: Run.read(sub.output_dir, arm) for arm, sub in jobs.items()
+            if (Path(sub.output_dir) / "eval.jsonl").exists()}
     require(bool(runs), f"no arm under {job.probe.output_dir} has evaluations yet")
     key = mean_key(runs)
     curves = {arm: run.curve(key) for arm, run in runs.items()}
@@ -101,7 +101,7 @@ def write_plasticity_report(job: PlasticityJob, arms: Sequence[str] | None = Non
     per_arm = {}
     for arm, (steps, vals) in curves.items():
         reached = [s for s, v in zip(steps, vals) if reference is not None and v >= reference]
-        per_arm[arm] = {"model": job.arm_job(arm).model, "evaluations": len(vals),
+        per_arm[arm] = {"model": jobs[arm].model, "evaluations": len(vals),
                         "final_mean": vals[-1] if vals else None, "max_mean": max(vals) if vals else None,
                         "mean_over_evaluations": float(np.mean(vals)) if vals else None,
                         "first_step_at_base_best": reached[0] if reached else None}

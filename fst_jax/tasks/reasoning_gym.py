@@ -33,6 +33,7 @@ import tempfile
 import zlib
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable
+from unittest import mock
 
 import numpy as np
 
@@ -55,9 +56,9 @@ ORIGINAL_PROMPT = (
 _GENERATOR_DEFAULTS: dict[str, dict[str, Any]] = {"codeio": {"input_prediction_probability": 1.0}}
 _VIRTUAL_SIZE = 1_000_000
 # Generators whose items can depend on global random state (codeio: some shipped programs call
-# random.* or numpy.random.* themselves, or put a fresh temporary file's name into the question): each item is
-# generated twice under different global seeds and dropped if the question or the answer differs,
-# since such a problem has no fixed text or no single right answer. reasoning-gym runs codeio's
+# random.* or numpy.random.* themselves, or put a fresh temporary file's name into the question):
+# each item is generated twice under different global seeds and dropped if the question or the
+# answer differs, since such a problem has no fixed text or no single right answer. reasoning-gym runs codeio's
 # shipped reference programs to make an item (its own design; they are vetted data, not model
 # output); what they print is swallowed.
 _CHECK_DETERMINISM = {"codeio"}
@@ -106,14 +107,15 @@ class ReasoningGymTask:
 
         Generators in ``_EXECUTES_CODE`` make their items in a child process whose working and
         temporary-file directory is a temporary one (removed afterwards), since their programs
-        write files, and
-        whose string hashing is seeded (``PYTHONHASHSEED=0``), since some programs iterate over
-        sets of strings: every process, run and resume gets the same problems."""
+        write files, and whose string hashing is seeded (``PYTHONHASHSEED=0``), since some
+        programs iterate over sets of strings: every process, run and resume gets the same
+        problems."""
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         dataset_seed = zlib.crc32(f"{self.generator}|{split}|{seed}".encode())
         if self.generator in _EXECUTES_CODE:
-            with (tempfile.TemporaryDirectory(prefix="fst_rg_") as work, _hash_seed_zero(),
+            with (tempfile.TemporaryDirectory(prefix="fst_rg_") as work,
+                  mock.patch.dict(os.environ, {"PYTHONHASHSEED": "0"}),  # inherited by the child
                   ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                       initializer=_work_in, initargs=(work,)) as child):
                 items, broken = child.submit(_collect, self, dataset_seed, n, split == "test").result()
@@ -169,20 +171,6 @@ def _work_in(directory: str) -> None:
     """A child's working directory and ``tempfile`` directory become ``directory``."""
     os.chdir(directory)
     tempfile.tempdir = directory
-
-
-@contextlib.contextmanager
-def _hash_seed_zero():
-    """``PYTHONHASHSEED=0`` in the environment that child processes started inside inherit."""
-    before = os.environ.get("PYTHONHASHSEED")
-    os.environ["PYTHONHASHSEED"] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["PYTHONHASHSEED"]
-        else:
-            os.environ["PYTHONHASHSEED"] = before
 
 
 def _collect(task: ReasoningGymTask, dataset_seed: int, n: int, want_test: bool) -> tuple[list[dict], int]:
