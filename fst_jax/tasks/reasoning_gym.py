@@ -9,6 +9,9 @@ probability of an OUTPUT prediction (the names are swapped in its code), hence t
 Splits: the generator is seeded from (generator, split, seed) and a problem belongs to the test
 split when the SHA-256 of its question text falls below ``test_fraction``, so a question can
 never be in both splits, whatever the seeds; repeats within a list are skipped.
+``max_question_chars`` (default None: no limit) skips problems whose question is longer (for
+``codeio``: a few shipped programs make prompts of over 10k tokens; 4000 characters, about 1.2k
+tokens, keeps about 3 in 4); how many were skipped is logged.
 Answer: ``fst_jax.tasks.answers.extract_answer`` (``<answer>`` tags, then boxed, ``####``,
 "answer is", then the last line), scored by the generator's own ``score_answer``; the score is
 binarised (1 only for full credit) unless ``partial_credit`` (for ``codeio`` full credit is
@@ -72,18 +75,20 @@ class ReasoningGymTask:
 
     def __init__(self, generator: str, *, partial_credit: bool = False, test_fraction: float = 0.5,
                  seed_context: str = DEFAULT_SEED_CONTEXT, original_prompt: str = ORIGINAL_PROMPT,
-                 **generator_options: Any):
+                 max_question_chars: int | None = None, **generator_options: Any):
         import reasoning_gym
 
         if generator not in reasoning_gym.factory.DATASETS:
             raise ConfigError(f"unknown reasoning-gym generator {generator!r}; "
                               f"available: {sorted(reasoning_gym.factory.DATASETS)}")
         require(0.0 < test_fraction < 1.0, "test_fraction must be in (0, 1)")
+        require(max_question_chars is None or max_question_chars >= 1, "max_question_chars must be >= 1 or None")
         for reserved in ("seed", "size"):
             require(reserved not in generator_options, f"{reserved!r} is set by the adapter (use examples(seed=...))")
         self.generator, self.name = generator, f"rg:{generator}"
         self.partial_credit, self.test_fraction = bool(partial_credit), float(test_fraction)
         self.seed_context, self.original_prompt = str(seed_context), str(original_prompt)
+        self.max_question_chars = max_question_chars
         self.options = {**_GENERATOR_DEFAULTS.get(generator, {}), **generator_options}
         try:
             self._scorer = self._dataset(0)
@@ -118,11 +123,14 @@ class ReasoningGymTask:
                   mock.patch.dict(os.environ, {"PYTHONHASHSEED": "0"}),  # inherited by the child
                   ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                                       initializer=_work_in, initargs=(work,)) as child):
-                items, broken = child.submit(_collect, self, dataset_seed, n, split == "test").result()
+                items, broken, too_long = child.submit(_collect, self, dataset_seed, n, split == "test").result()
         else:
-            items, broken = _collect(self, dataset_seed, n, split == "test")
+            items, broken, too_long = _collect(self, dataset_seed, n, split == "test")
         if broken:
             log.warning("%s: skipped %d items whose generation raised", self.name, broken)
+        if too_long:
+            log.info("%s: skipped %d %s problems longer than max_question_chars=%d", self.name, too_long,
+                     split, self.max_question_chars)
         if len(items) < n:
             raise ValueError(f"{self.name} gave only {len(items)} distinct {split} problems of {n} asked; "
                              f"widen the generator's options")
@@ -173,9 +181,10 @@ def _work_in(directory: str) -> None:
     tempfile.tempdir = directory
 
 
-def _collect(task: ReasoningGymTask, dataset_seed: int, n: int, want_test: bool) -> tuple[list[dict], int]:
-    """Up to ``n`` distinct items of the split, and how many items raised while generated."""
-    dataset, seen, out, broken = task._dataset(dataset_seed), set(), [], 0
+def _collect(task: ReasoningGymTask, dataset_seed: int, n: int, want_test: bool) -> tuple[list[dict], int, int]:
+    """Up to ``n`` distinct items of the split, how many items raised while generated, and how
+    many of the split's items were longer than ``task.max_question_chars``."""
+    dataset, seen, out, broken, too_long = task._dataset(dataset_seed), set(), [], 0, 0
     for idx in range(100 * n + 1000):
         if len(out) == n:
             break
@@ -189,9 +198,12 @@ def _collect(task: ReasoningGymTask, dataset_seed: int, n: int, want_test: bool)
             continue
         if item["question"] in seen or in_test_split(item["question"], task.test_fraction) != want_test:
             continue
+        if task.max_question_chars is not None and len(item["question"]) > task.max_question_chars:
+            too_long += 1
+            continue
         seen.add(item["question"])
         out.append(item)
-    return out, broken
+    return out, broken, too_long
 
 
 def _quote(text: str, limit: int = 200) -> str:

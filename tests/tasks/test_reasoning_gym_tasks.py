@@ -101,6 +101,16 @@ def test_generator_options_pass_through_and_bad_ones_raise():
         make_task("rg:path_star", seed=3)
 
 
+def test_max_question_chars_skips_longer_problems_and_keeps_the_order_of_the_rest():
+    unlimited = make_task("rg:family_relationships").examples("train", 40, seed=3)
+    limit = sorted(len(e.prompt) for e in unlimited)[20]
+    limited = make_task("rg:family_relationships", max_question_chars=limit).examples("train", 10, seed=3)
+    assert all(len(e.prompt) <= limit for e in limited)
+    assert [e.prompt for e in limited] == [e.prompt for e in unlimited if len(e.prompt) <= limit][:10]
+    with pytest.raises(ConfigError):
+        make_task("rg:family_relationships", max_question_chars=0)
+
+
 def test_codeio_full_credit_is_json_equality_whatever_the_spacing():
     task = make_task("rg:codeio")
     ex = task.examples("train", 1)[0]
