@@ -85,3 +85,17 @@ def test_sample_cli_runs_the_bundled_model_end_to_end(tmp_path, monkeypatch, cap
     assert record["new_tokens"][0] >= 1
     assert out.count("--- completion") == 2
     assert (tmp_path / "SmolLM2-135M-Instruct" / "config.json").exists()
+
+
+def test_policy_reflection_needs_a_prompt_bucket_that_holds_its_meta_prompt():
+    from fst_jax.jobs.train import TrainJob
+
+    small = ["sampling.prompt_buckets=[128, 256, 512]", "sampling.max_context_tokens=256",
+             "sampling.max_new_tokens=96"]
+    for mode in ("fst", "gepa"):
+        with pytest.raises(ConfigError) as err:
+            load_config(TrainJob, None, small + [f"mode={mode}"])
+        assert "prompt_buckets" in str(err.value) and "add a bucket of 2048" in str(err.value)
+    assert load_config(TrainJob, None, small + ["mode=rl"]).mode == "rl"  # rl never reflects
+    assert load_config(TrainJob, None, small + ["fast.gepa.reflection.backend=callable"]).mode == "fst"
+    assert load_config(TrainJob, None, [*small[1:], "sampling.prompt_buckets=[128, 256, 512, 1024]"]).mode == "fst"

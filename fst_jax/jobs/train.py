@@ -41,7 +41,8 @@ from fst_jax.fast.candidates import Member
 from fst_jax import distributed
 from fst_jax.fast.optimizer import GEPAConfig, run_gepa_round
 from fst_jax.jobs.preflight import TargetConfig
-from fst_jax.fast.reflection import BatchedLM, ReflectionError, Reply, make_reflection_lm, reflect_batch
+from fst_jax.fast.reflection import (BatchedLM, ReflectionError, Reply, estimate_tokens, make_reflection_lm,
+                                     reflect_batch)
 from fst_jax.metrics import LoggingConfig, make_writers
 from fst_jax.models.loading import load_model
 from fst_jax.plots import plot_run
@@ -134,6 +135,18 @@ class TrainJob:
         require(self.mode == "rl" or self.samples_per_problem % K == 0,
                 f"samples_per_problem must be divisible by fast.gepa.top_k (K={K}): each context "
                 f"gets G/K rollouts of every problem")
+        gepa, sampling = self.fast.gepa, self.sampling
+        if self.evolves_contexts and gepa.reflection.backend == "policy":
+            # The policy's meta-prompt holds the current context and one output per minibatch
+            # problem (plus problems and feedback, not counted): a lower bound on its length.
+            least = ((gepa.reflection.max_context_tokens or sampling.max_context_tokens)
+                     + gepa.minibatch_size * sampling.max_new_tokens + estimate_tokens(gepa.reflection.template))
+            require(max(sampling.prompt_buckets) >= least,
+                    f"sampling.prompt_buckets' largest bucket {max(sampling.prompt_buckets)} cannot hold the policy "
+                    f"reflector's meta-prompt (at least {least} tokens: a context of up to "
+                    f"{gepa.reflection.max_context_tokens or sampling.max_context_tokens} tokens, "
+                    f"{gepa.minibatch_size} outputs of up to {sampling.max_new_tokens} tokens and the template); "
+                    f"add a bucket of {1 << (2 * least - 1).bit_length()} or more")
 
     def stages(self) -> tuple[StageConfig, ...]:
         """The schedule, or the single stage of ``task`` for ``steps``."""
@@ -294,6 +307,9 @@ def run_train_job(job: TrainJob, *, reflection_fn: Callable[[str], str] | None =
                     reflection_lm=reflection_lm)
                 members = result.members
                 seconds["fast"] = time.perf_counter() - t0
+                if result.budget.reflection_calls and result.budget.reflection_failures == result.budget.reflection_calls:
+                    log.error("GEPA round at step %d: all %d reflections failed (see the warnings above): the "
+                              "contexts did not change", step, result.budget.reflection_calls)
                 writers.write("gepa", step, {"task": st.name,
                                              **_round_record(result, step // T, seconds["fast"])})
             contexts = ([m.components["context"] for m in fill_slots(members, K)]
