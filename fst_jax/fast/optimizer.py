@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 from fst_jax.config import require, require_in_registry
 from fst_jax.fast.candidates import Budget, Candidate, Member, Population
+from fst_jax.fast.contamination import LeakDetector
 from fst_jax.fast.evaluator import Adapter, EvalConfig, EvalResult, SamplerEvaluator, TextGenerator
 from fst_jax.fast.reflection import (ReflectionConfig, ReflectionError, ReflectionLM, estimate_tokens,
                                      make_reflection_lm, parse_proposal, reflect_batch, render_meta_prompt)
@@ -39,7 +40,10 @@ class GEPAConfig:
     when ``skip_perfect`` and every parent minibatch score is >= ``perfect_score``.
     ``parallel_proposals`` (P) proposals are made together in one step (see ``GEPAOptimizer``);
     the stop conditions are checked between steps, so a step may pass ``max_metric_calls`` by up
-    to P proposals' rollouts (``max_proposals`` is never passed)."""
+    to P proposals' rollouts (``max_proposals`` is never passed). ``leak_overlap`` (None = off)
+    skips a child that leaks an anchor problem's answer its parent did not
+    (``fst_jax.fast.contamination``: the answer, the problem's numbers and this share of its
+    distinctive tokens)."""
 
     selector: str = "pareto"
     epsilon: float = 0.1
@@ -54,6 +58,7 @@ class GEPAConfig:
     top_k: int = 4
     component: str | None = None
     parallel_proposals: int = 1
+    leak_overlap: float | None = 0.5
     seed: int = 0
     reflection: ReflectionConfig = dataclasses.field(default_factory=ReflectionConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
@@ -64,6 +69,7 @@ class GEPAConfig:
         require(0.0 <= self.epsilon <= 1.0, "epsilon must be in [0, 1]")
         require(self.minibatch_size >= 1 and self.top_k >= 1, "minibatch_size and top_k must be >= 1")
         require(self.parallel_proposals >= 1, "parallel_proposals must be >= 1")
+        require(self.leak_overlap is None or 0.0 < self.leak_overlap <= 1.0, "leak_overlap must be in (0, 1] or null")
         for name in ("max_metric_calls", "max_proposals", "max_seconds", "max_no_improvement"):
             value = getattr(self, name)
             require(value is None or value > 0, f"{name} must be > 0 or null")
@@ -94,7 +100,8 @@ class GEPAOptimizer:
 
     Call ``start(seeds)`` once (or ``load_state_dict``), then ``step()`` or ``run()``. Every
     proposal is one entry of ``history`` (outcome "accepted", "rejected" or "skipped:<reason>",
-    reason one of perfect, reflection_error, malformed, empty, unchanged, overlong, duplicate).
+    reason one of perfect, reflection_error, malformed, empty, unchanged, overlong, leak, duplicate;
+    a leak's record names the leaked example ids under "leaked").
 
     A step makes P = ``config.parallel_proposals`` proposals together, in this order:
 
@@ -122,6 +129,7 @@ class GEPAOptimizer:
         self.minibatches = EpochShuffledSampler(list(self.by_id), config.minibatch_size, config.seed)
         self.rng = random.Random(config.seed)
         self.population = Population(list(self.by_id))
+        self.leaks = None if config.leak_overlap is None else LeakDetector(self.anchor, config.leak_overlap)
         self.budget = Budget()
         self.best = 0.0
         self.since_improvement = 0
@@ -234,6 +242,11 @@ class GEPAOptimizer:
             if text is None:
                 d.outcome = f"skipped:{status}"
                 continue
+            if self.leaks is not None:
+                leaked = sorted(set(self.leaks.leaked(text)) - set(self.leaks.leaked(current)))
+                if leaked:
+                    d.record["leaked"], d.outcome = leaked, "skipped:leak"
+                    continue
             child = {**d.parent.components, d.component: text}
             if any(m.components == child for m in self.population.members):
                 d.outcome = "skipped:duplicate"
