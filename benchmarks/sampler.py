@@ -8,7 +8,11 @@ prefills each context once and each unique prompt once against it, sharing both 
 torch expands it with ``num_return_sequences``). Utilisation = achieved decode FLOP/s over a float32 matmul peak
 measured in the same run. Prints one JSON object per configuration.
 
-    python benchmarks/sampler.py [--configs b1,b8,b32,grouped] [--repeats 2]
+``--bf16-weights`` also times our sampler on a weight-only bfloat16 copy of the parameters (the
+model computes in float32 and casts each weight on use; the trainer would keep float32), side by
+side with the float32 weights, and reports its tokens/s and the ratio to float32's.
+
+    python benchmarks/sampler.py [--configs b1,b8,b32,grouped] [--repeats 2] [--bf16-weights]
 """
 
 from __future__ import annotations
@@ -77,19 +81,20 @@ def rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
-def run_ours(sampler, pairs, n, repeats):
+def run_ours(sampler, pairs, n, repeats, params=None):
+    params = sampler.params if params is None else params
     prompts = sampler.encode(pairs)
     t = time.perf_counter()
-    sampler.generate(sampler.params, prompts, n=n, seed=0)
+    sampler.generate(params, prompts, n=n, seed=0)
     first = time.perf_counter() - t
     prefill_s, total_s = [], []
     for r in range(repeats):
         t = time.perf_counter()
         plan = share_plan(prompts, sampler.config.prompt_buckets, sampler.tokenizer.pad_id)
-        jax.block_until_ready(sampler.prefill(sampler.params, plan, n))
+        jax.block_until_ready(sampler.prefill(params, plan, n))
         prefill_s.append(time.perf_counter() - t)
         t = time.perf_counter()
-        out = sampler.generate(sampler.params, prompts, n=n, seed=r + 1)
+        out = sampler.generate(params, prompts, n=n, seed=r + 1)
         total_s.append(time.perf_counter() - t)
     prefill, total = min(prefill_s), min(total_s)
     tokens = int(out.lengths.sum())
@@ -126,6 +131,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--configs", default="b1,b8,b32,grouped")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--bf16-weights", action="store_true")
     args = parser.parse_args()
     folder = prepare_smollm2()
     cfg, model = load_hf_folder(folder)
@@ -145,6 +151,11 @@ def main():
     for name in args.configs.split(","):
         pairs, n = setups[name]
         ours = run_ours(sampler, pairs, n, args.repeats)
+        bf16 = {}
+        if args.bf16_weights:
+            copy = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, sampler.params)
+            tok_s = run_ours(sampler, pairs, n, args.repeats, copy)["tok_s"]
+            bf16 = {"ours_bf16_weights_tok_s": round(tok_s, 1), "bf16_over_fp32": round(tok_s / ours["tok_s"], 2)}
         peer_tok_s = run_torch(str(folder), tokenizer, pairs, n, args.repeats)
         ctx_len = ours["prompt_len"] + NEW_TOKENS / 2
         util = ours["decode_tok_s"] * decode_flops_per_token(cfg, ctx_len) / peak
@@ -158,6 +169,7 @@ def main():
                     f"(num_return_sequences={n})",
             "peer_tok_s": round(peer_tok_s, 1),
             "ratio": round(ours["tok_s"] / peer_tok_s, 2),
+            **bf16,
             "utilisation": round(util, 3),
             "matmul_peak_gflops": round(peak / 1e9, 1),
             "peak_rss_gb": round(rss_gb(), 2),
