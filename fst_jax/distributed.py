@@ -13,6 +13,7 @@ scripts only set variables (see ``launch/README.md``):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -114,6 +115,22 @@ def scored_by_slices(score: Callable[[Sequence, Sequence[str]], list[tuple[float
         return [(float(s), str(f)) for part in all_gather_host_objects(mine) for s, f in part]
 
     return run
+
+
+def same_examples(examples: Sequence, what: str) -> list:
+    """The examples (``.id``, ``.prompt``, ``.answer``) at the positions where every process
+    made the same one, in order; a warning names how many were dropped. A generator that is not
+    deterministic across processes (reasoning-gym's ``codeio`` on about 1 item in 200) would
+    otherwise give processes different prompts in one SPMD step. All processes must call it."""
+    if jax.process_count() == 1:
+        return list(examples)
+    mine = [hashlib.sha256(json.dumps([e.id, e.prompt, e.answer]).encode()).hexdigest()[:16] for e in examples]
+    everyone = all_gather_host_objects(mine)
+    kept = [e for i, e in enumerate(examples) if all(i < len(d) and d[i] == mine[i] for d in everyone)]
+    if len(kept) < len(examples):
+        logger.warning("%s: %d of %d examples differ between processes and were dropped", what,
+                       len(examples) - len(kept), len(examples))
+    return kept
 
 
 def all_processes_agree(flag: bool) -> bool:

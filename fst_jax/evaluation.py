@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 
 import fst_jax.tasks  # noqa: F401  (registers the built-in tasks the config validates against)
 from fst_jax.config import require, require_in_registry
-from fst_jax.distributed import fetch
+from fst_jax.distributed import fetch, same_examples
 from fst_jax.models.transformer import positions_from_mask
 from fst_jax.rl.batch import TrainBatch, to_global
 from fst_jax.sharding import BATCH_AXES, state_shardings
@@ -339,8 +339,8 @@ class EvaluationHook:
     def examples(self, task: Task) -> list[Example]:
         """The task's fixed validation examples (cached per task name)."""
         if task.name not in self._examples:
-            self._examples[task.name] = task.examples("test", self.config.num_examples,
-                                                      seed=self.config.seed)
+            made = task.examples("test", self.config.num_examples, seed=self.config.seed)
+            self._examples[task.name] = same_examples(made, f"{task.name} test")
         return self._examples[task.name]
 
     def _grade(self, generator, params, jobs: list[tuple[Task, Example, str]], n: int,

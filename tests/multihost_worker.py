@@ -25,6 +25,7 @@ from fst_jax.rl.kl import KLConfig
 from fst_jax.rl.optimizer import OptimizerConfig
 from fst_jax.rl.train_step import (LearnerConfig, TrainState, init_train_state,
                                    make_ref_logprobs, make_train_step)
+from fst_jax.tasks.base import Example
 
 CONTEXTS = ["Answer with a number only.", "Think step by step, then answer.", "Réponds vite."]
 STEPS = 4
@@ -85,7 +86,11 @@ def main(port: str, process_id: str, num_processes: str, out_dir: str) -> None:
         return [(float(x) / 10, f"row {x}: {c}") for x, c in zip(examples, completions)]
 
     scored = distributed.scored_by_slices(score)(list(range(SCORED_ROWS)), [f"c{r}" for r in range(SCORED_ROWS)])
-    result = {"contexts": contexts, "losses": losses, "saved": saved, "scored_here": seen, "scored": scored,
+    # process 1's third example differs (a generator that is not deterministic across processes)
+    made = [Example(id=f"e{i}", prompt=f"p{i}" + ("!" if i == 2 and process_id == "1" else ""), answer=str(i))
+            for i in range(5)]
+    agreed = [e.id for e in distributed.same_examples(made, "worker")]
+    result = {"contexts": contexts, "losses": losses, "saved": saved, "scored_here": seen, "scored": scored, "agreed": agreed,
               "local_rows": process_rows(mesh, GLOBAL_BATCH),
               "process_count": jax.process_count(), "device_count": jax.device_count()}
     (Path(out_dir) / f"process_{process_id}.json").write_text(json.dumps(result))

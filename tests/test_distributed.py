@@ -100,6 +100,9 @@ def test_two_processes_share_contexts_and_match_single_process_training(tmp_path
     want_scored = [[r / 10, f"row {r}: c{r}"] for r in range(worker.SCORED_ROWS)]
     assert [r["scored"] for r in results] == [want_scored] * 2
 
+    # (a'') an example that differs between processes is dropped on both
+    assert [r["agreed"] for r in results] == [["e0", "e1", "e3", "e4"]] * 2
+
     # (b) each process fed only its half of the batch to the project's train_step, and the
     # sharded 2-process run follows the single-process run of the same global batch
     assert [r["local_rows"] for r in results] == [[0, 1, 2, 3], [4, 5, 6, 7]]

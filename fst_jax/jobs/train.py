@@ -184,7 +184,8 @@ class _Stage:
     def __init__(self, cfg: StageConfig, start: int, job: TrainJob):
         self.task = make_task(cfg.task, **cfg.task_options)
         self.name, self.start, self.end = cfg.task, start, start + cfg.steps
-        self.stream = ProblemStream(self.task.examples("train", job.data.train_examples, seed=job.data.seed),
+        made = self.task.examples("train", job.data.train_examples, seed=job.data.seed)
+        self.stream = ProblemStream(distributed.same_examples(made, f"{cfg.task} train"),
                                     job.problems_per_step, job.data.shuffle_seed)
         self.pool = RewardPool(self.task, job.rewards)
         self.scorer = types.SimpleNamespace(task=self.task, score=distributed.scored_by_slices(self.pool.score))
