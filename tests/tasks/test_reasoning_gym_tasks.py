@@ -138,15 +138,18 @@ def test_codeio_items_are_made_in_a_temporary_directory_and_agree_across_process
     monkeypatch.setattr(tempfile, "tempdir", str(inline))
     _collect(task, zlib.crc32(b"codeio|train|1"), 200, want_test=False)
     assert list(inline.iterdir())  # made in this process, the programs do write here
-    clean = tmp_path / "clean"
-    clean.mkdir()
-    monkeypatch.chdir(clean)
     monkeypatch.undo()
+    # A private temporary-file directory (not the shared /tmp, where parallel tests write): the
+    # child inherits TMPDIR, so a program writing a temporary file outside its work dir lands here.
+    clean, private_tmp = tmp_path / "clean", tmp_path / "tmp"
+    clean.mkdir()
+    private_tmp.mkdir()
     monkeypatch.chdir(clean)
-    temp_files = set(os.listdir(tempfile.gettempdir()))
+    monkeypatch.setenv("TMPDIR", str(private_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    assert tempfile.gettempdir() == str(private_tmp)
     got = [(e.prompt, e.answer) for e in task.examples("train", 200, seed=1)]
-    assert list(clean.iterdir()) == []
-    assert set(os.listdir(tempfile.gettempdir())) <= temp_files
+    assert list(clean.iterdir()) == [] and list(private_tmp.iterdir()) == []
     script = ("import json; from fst_jax.tasks import make_task; print(json.dumps([(e.prompt, e.answer) "
               "for e in make_task('rg:codeio').examples('train', 200, seed=1)]))")
     for hash_seed in ("1", "2"):
