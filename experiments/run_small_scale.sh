@@ -10,9 +10,10 @@ cd "$(dirname "$0")/.."
 mkdir -p runs
 nice -n 5 python benchmarks/base_rates.py --skip-measured --max-new-tokens 128 --tasks \
   rg:basic_arithmetic,rg:family_relationships,rg:knights_knaves,rg:gsm_symbolic,rg:path_star,rg:zebra_puzzles
-# CodeI/O without its few ~10k-token programs (beyond the sampler's largest prompt bucket):
+# CodeI/O without its few ~10k-token programs (beyond the sampler's largest prompt bucket), 8 prompts
+# per device batch (64 prompts of ~1.5k tokens at once took 17 GB and were OOM-killed):
 nice -n 5 python benchmarks/base_rates.py --skip-measured --max-new-tokens 128 --tasks rg:codeio \
-  --task-options '{"max_question_chars": 4000}'
+  --max-prompts-per-batch 8 --task-options '{"max_question_chars": 4000}'
 # basic_arithmetic at easy settings (two or three 1-2 digit terms, + and -):
 # the second small-scale task (experiments/math_rg_cpu.yaml).
 nice -n 5 python benchmarks/base_rates.py --skip-measured --max-new-tokens 128 --tasks rg:basic_arithmetic \
