@@ -50,7 +50,9 @@ class SamplingConfig:
     always generates ``max_new_tokens`` (benchmarks, fixed-length rollouts). ``unroll_layers``:
     decode with per-layer weight and cache copies in an unrolled loop (faster on CPU, where XLA
     copies scanned slices every step; costs a second copy of the weights while generating) or
-    with ``lax.scan`` over the stacked layers; None picks unrolled on the CPU backend only."""
+    with ``lax.scan`` over the stacked layers; None picks unrolled on the CPU backend only.
+    ``prefill_query_chunk``: prompts longer than this are prefilled this many query positions
+    at a time (``shared_attention``), bounding the attention scores' memory; None: all at once."""
 
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -61,6 +63,7 @@ class SamplingConfig:
     max_prompts_per_batch: int = 64
     stop_at_eos: bool = True
     unroll_layers: bool | None = None
+    prefill_query_chunk: int | None = 512
 
     def __post_init__(self):
         require(self.max_new_tokens > 0, "max_new_tokens must be positive")
@@ -69,6 +72,8 @@ class SamplingConfig:
         require(len(self.prompt_buckets) > 0 and list(self.prompt_buckets) == sorted(self.prompt_buckets),
                 "prompt_buckets must be a non-empty increasing list")
         require(self.max_prompts_per_batch > 0, "max_prompts_per_batch must be positive")
+        require(self.prefill_query_chunk is None or self.prefill_query_chunk > 0,
+                "prefill_query_chunk must be positive or null")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,10 +344,11 @@ class Sampler:
         last prompt logits repeated per sample ``[C*m*n, V]`` and the two ``SharedKV`` levels."""
         self.trace_counts["prefill"] += 1
         model = nnx.merge(graphdef, params)
-        _, ctx_kv = model.extend(ctx_tokens, positions_from_mask(ctx_mask), ctx_mask)
+        chunk = self.config.prefill_query_chunk
+        _, ctx_kv = model.extend(ctx_tokens, positions_from_mask(ctx_mask), ctx_mask, query_chunk=chunk)
         ctx = SharedKV(ctx_kv.k, ctx_kv.v, ctx_mask)
         positions = task_start[:, None] + positions_from_mask(task_mask)
-        x, task_kv = model.extend(task_tokens, positions, task_mask, [ctx])
+        x, task_kv = model.extend(task_tokens, positions, task_mask, [ctx], query_chunk=chunk)
         logits = model.logits(x[:, -1])
         return jnp.repeat(logits, n, axis=0), (ctx, SharedKV(task_kv.k, task_kv.v, task_mask))
 

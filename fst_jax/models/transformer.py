@@ -48,13 +48,37 @@ class SharedKV(NamedTuple):
     mask: jax.Array
 
 
-def shared_attention(q, shared, own, scale: float) -> jax.Array:
+def shared_attention(q, shared, own, scale: float, query_chunk: int | None = None) -> jax.Array:
     """Softmax attention of ``q [B, T, K, G, hd]`` over the concatenation of
     ``shared`` parts ``(k, v [P, K, S, hd], mask [P, S])``, each key read once for its ``B // P``
     consecutive rows (one batched matmul per prefix), and ``own`` per-row parts
     ``(k, v [B, K, S, hd], ok)`` with ``ok`` broadcastable to ``[B, K, G, T, S]`` (or True).
-    Scores and the softmax are float32. Returns ``[B, T, K, G, hd]`` float32."""
+    Scores and the softmax are float32. Returns ``[B, T, K, G, hd]`` float32.
+
+    ``query_chunk``: when ``T`` is longer, the queries are taken ``query_chunk`` at a time in
+    sequence (the same result: each query's softmax is its own), so the float32 scores held at
+    once are ``[B, K, G, query_chunk, S]`` instead of ``[B, K, G, T, S]``: a long prompt's
+    prefill no longer needs memory quadratic in its length."""
     B, T, K, G, hd = q.shape
+    if query_chunk is not None and T > query_chunk:
+        C = query_chunk
+        n = -(-T // C)
+        pad = n * C - T  # padded query rows see no key and are dropped
+
+        def chunks(x, axis):  # split ``axis`` (length T) into [n, C] and move n to the front
+            axis %= x.ndim
+            x = jnp.pad(x, [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)])
+            return jnp.moveaxis(x.reshape(*x.shape[:axis], n, C, *x.shape[axis + 1:]), axis, 0)
+
+        oks = [None if ok is True or ok.shape[-2] == 1 else chunks(ok, -2) for _, _, ok in own]
+
+        def one(xs):  # lax.map: the chunks run one after another, their scores never live together
+            qc, okc = xs
+            return shared_attention(qc, shared, [(k, v, ok if c is None else c) for (k, v, ok), c
+                                                 in zip(own, okc)], scale)
+
+        out = jax.lax.map(one, (chunks(q, 1), oks))  # [n, B, C, K, G, hd]
+        return jnp.moveaxis(out, 0, 1).reshape(B, n * C, K, G, hd)[:, :T]
     f32 = jnp.float32
     scores, values = [], []
     for k, v, mask in shared:
@@ -267,18 +291,20 @@ class Transformer(nnx.Module):
 
     # -- sampling: prefill against shared prefixes, decode ----------------------------------
     def extend(self, tokens, positions, mask, shared: Sequence[SharedKV] = (),
-               layer_weights: list[dict] | None = None) -> tuple[jax.Array, KV]:
+               layer_weights: list[dict] | None = None, query_chunk: int | None = None
+               ) -> tuple[jax.Array, KV]:
         """Causal forward of ``tokens [B, T]`` (``positions``, ``mask`` as in ``hidden``) that also
         attends to ``shared`` prefix levels; returns the hidden states ``[B, T, D]`` and this
         pass's keys/values ``[L, B, K, T, hd]`` (lists per layer with ``layer_weights``).
 
         A level ``SharedKV(k, v, mask)`` holds ``P`` prefixes (``k``/``v`` ``[L, P, K, S, hd]``,
         ``mask [P, S]``) shared by consecutive rows: row ``b`` reads prefix ``b // (B // P)``.
-        With no levels this is the plain prompt prefill."""
+        With no levels this is the plain prompt prefill. ``query_chunk`` bounds the attention
+        scores held at once (``shared_attention``)."""
         T = tokens.shape[1]
         own_ok = (jnp.tril(jnp.ones((T, T), bool))[None] & mask[:, None, :])[:, None, None]
         x = self.embed_tokens(tokens)
-        return self._run_layers(x, positions, shared, [own_ok], [], layer_weights)
+        return self._run_layers(x, positions, shared, [own_ok], [], layer_weights, query_chunk)
 
     def decode(self, token, position, shared: Sequence[SharedKV], suffix: KV, step,
                layer_weights: list[dict] | None = None) -> tuple[jax.Array, KV]:
@@ -301,7 +327,7 @@ class Transformer(nnx.Module):
                                  layer_weights)
         return self.logits(x[:, 0]), kv
 
-    def _run_layers(self, x, positions, shared, own_ok, caches, layer_weights):
+    def _run_layers(self, x, positions, shared, own_ok, caches, layer_weights, query_chunk=None):
         """Layers over ``x [B, T, D]``: attention to the ``shared`` levels, to per-row ``caches``
         (KV ``[L, B, K, S, hd]``) and to this pass's own keys; ``own_ok`` holds one mask per
         per-row part (caches, then own), broadcastable to ``[B, K, G, T, S]``."""
@@ -318,7 +344,7 @@ class Transformer(nnx.Module):
             parts = [(pk, pv, lvl.mask) for (pk, pv), lvl in zip(levels, shared)]
             own = [(ck, cv, ok) for (ck, cv), ok in zip(rows, own_ok)]
             own.append((k.swapaxes(1, 2), v.swapaxes(1, 2), own_ok[-1]))
-            attn = shared_attention(q, parts, own, hd ** -0.5)
+            attn = shared_attention(q, parts, own, hd ** -0.5, query_chunk)
             return _mlp_block(cfg, w, {}, x, attn.reshape(B, T, -1, hd)), (k.swapaxes(1, 2),
                                                                             v.swapaxes(1, 2))
 
