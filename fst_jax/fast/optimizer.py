@@ -243,7 +243,8 @@ class GEPAOptimizer:
                 d.outcome = f"skipped:{status}"
                 continue
             if self.leaks is not None:
-                leaked = sorted(set(self.leaks.leaked(text)) - set(self.leaks.leaked(current)))
+                already = set(self.leaks.leaked(current))
+                leaked = [i for i in self.leaks.leaked(text) if i not in already]
                 if leaked:
                     d.record["leaked"], d.outcome = leaked, "skipped:leak"
                     continue
@@ -291,6 +292,9 @@ class GEPAOptimizer:
             if state_path is not None:
                 self.save(state_path)
         log.info("GEPA round stopped: %s; %s", reason, self.budget)
+        if self.budget.reflection_calls and self.budget.reflection_failures == self.budget.reflection_calls:
+            log.error("GEPA round at policy step %d: all %d reflections failed (see the warnings above): "
+                      "the population did not change", self.evaluator.policy_step, self.budget.reflection_calls)
         return reason
 
     def top_k(self, k: int | None = None) -> list[Member]:

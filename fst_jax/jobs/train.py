@@ -139,12 +139,11 @@ class TrainJob:
         if self.evolves_contexts and gepa.reflection.backend == "policy":
             # The policy's meta-prompt holds the current context and one output per minibatch
             # problem (plus problems and feedback, not counted): a lower bound on its length.
-            least = ((gepa.reflection.max_context_tokens or sampling.max_context_tokens)
-                     + gepa.minibatch_size * sampling.max_new_tokens + estimate_tokens(gepa.reflection.template))
+            context = gepa.reflection.max_context_tokens or sampling.max_context_tokens
+            least = context + gepa.minibatch_size * sampling.max_new_tokens + estimate_tokens(gepa.reflection.template)
             require(max(sampling.prompt_buckets) >= least,
                     f"sampling.prompt_buckets' largest bucket {max(sampling.prompt_buckets)} cannot hold the policy "
-                    f"reflector's meta-prompt (at least {least} tokens: a context of up to "
-                    f"{gepa.reflection.max_context_tokens or sampling.max_context_tokens} tokens, "
+                    f"reflector's meta-prompt (at least {least} tokens: a context of up to {context} tokens, "
                     f"{gepa.minibatch_size} outputs of up to {sampling.max_new_tokens} tokens and the template); "
                     f"add a bucket of {1 << (2 * least - 1).bit_length()} or more")
 
@@ -308,9 +307,6 @@ def run_train_job(job: TrainJob, *, reflection_fn: Callable[[str], str] | None =
                     reflection_lm=reflection_lm)
                 members = result.members
                 seconds["fast"] = time.perf_counter() - t0
-                if result.budget.reflection_calls and result.budget.reflection_failures == result.budget.reflection_calls:
-                    log.error("GEPA round at step %d: all %d reflections failed (see the warnings above): the "
-                              "contexts did not change", step, result.budget.reflection_calls)
                 writers.write("gepa", step, {"task": st.name,
                                              **_round_record(result, step // T, seconds["fast"])})
             contexts = ([m.components["context"] for m in fill_slots(members, K)]
