@@ -326,6 +326,9 @@ class EvaluationHook:
         self.best: dict[str, float] = {}
         self._examples: dict[str, list[Example]] = {}
         self._kl: tuple[Any, Callable] | None = None
+        # Greedy scores of the base weights per (task, example, context): the base weights never
+        # change within a run, so each is graded once (the 2x2's base row, gepa mode's policy).
+        self._base_greedy: tuple[Any, dict[tuple[str, str, str], np.ndarray]] | None = None
 
     def due(self, step: int) -> bool:
         return self.config.every > 0 and step % self.config.every == 0
@@ -342,6 +345,20 @@ class EvaluationHook:
             made = task.examples("test", self.config.num_examples, seed=self.config.seed)
             self._examples[task.name] = same_examples(made, f"{task.name} test")
         return self._examples[task.name]
+
+    def _greedy(self, generator, params, base_params, jobs: list[tuple[Task, Example, str]]
+                ) -> dict[tuple[str, str, str], np.ndarray]:
+        """``_grade(..., n=1, temperature=0)``, remembered across evaluations when ``params`` is
+        ``base_params`` (the same object: a new one starts the memory afresh)."""
+        if params is not base_params:
+            return self._grade(generator, params, jobs, 1, 0.0)
+        if self._base_greedy is None or self._base_greedy[0] is not base_params:
+            self._base_greedy = (base_params, {})
+        memo = self._base_greedy[1]
+        todo = [j for j in jobs if (j[0].name, j[1].id, j[2]) not in memo]
+        if todo:
+            memo.update(self._grade(generator, params, todo, 1, 0.0))
+        return {(t.name, ex.id, ctx): memo[(t.name, ex.id, ctx)] for t, ex, ctx in jobs}
 
     def _grade(self, generator, params, jobs: list[tuple[Task, Example, str]], n: int,
                temperature: float) -> dict[tuple[str, str, str], np.ndarray]:
@@ -365,7 +382,8 @@ class EvaluationHook:
 
         ``generator``: a ``TextGenerator``; for ``kl`` the project's ``Sampler`` (it needs
         ``encode``, ``generate``, ``graphdef`` and ``mesh``). ``base_params``: the base weights
-        (for ``kl`` and ``two_by_two``). Returns floats keyed ``eval/mean@{k}``,
+        (for ``kl`` and ``two_by_two``), the same object at every call: their greedy scores are
+        computed once per (task, example, context) for the hook's life. Returns floats keyed ``eval/mean@{k}``,
         ``eval/pass@1`` (best context), the same with ``_original`` (original prompt), each of
         those four with ``_max`` (running max over evaluations), ``eval/ood/<task>/mean@{k}``
         and ``.../pass@1``, ``eval/2x2/{base,trained}/{original,evolved}`` and
@@ -390,7 +408,7 @@ class EvaluationHook:
         for name, t in self.ood.items():
             out[f"eval/ood/{name}/mean@{k}"] = mean_at_k(table(sampled, t, t.original_prompt))
         if cfg.greedy:
-            greedy = self._grade(generator, params, main + ood, 1, 0.0)
+            greedy = self._greedy(generator, params, base_params, main + ood)
             out["eval/pass@1"] = pass_at_1(table(greedy, task, best_ctx)[:, 0])
             out["eval/pass@1_original"] = pass_at_1(table(greedy, task, original_prompt)[:, 0])
             for name, t in self.ood.items():
@@ -400,7 +418,7 @@ class EvaluationHook:
 
             def accuracy(weights, ctx: str) -> float:
                 if id(weights) not in graded:  # the base weights, both contexts in one call
-                    graded[id(weights)] = self._grade(generator, weights, main, 1, 0.0)
+                    graded[id(weights)] = self._greedy(generator, weights, base_params, main)
                 return pass_at_1(table(graded[id(weights)], task, ctx)[:, 0])
 
             grid = decomposition_2x2(accuracy, base_params, params, original_prompt, best_ctx)

@@ -84,6 +84,25 @@ def test_report_on_hand_made_runs_has_peak_steps_fits_ood_and_figures(tmp_path):
     assert json.loads((report / "summary.json").read_text()) == json.loads(json.dumps(summary))
 
 
+def test_report_takes_the_2x2_from_the_fst_runs_final_evaluation_without_sampling(tmp_path, monkeypatch):
+    import fst_jax.models.loading as loading
+
+    for mode in ("rl", "gepa", "fst"):
+        _write_run(tmp_path / mode, mode, [0, 2, 4], [0.1, 0.2, 0.3], [0.0, 0.01, 0.02])
+    (tmp_path / "fst" / "hf").mkdir()
+    grid = {"base/original": 0.125, "base/evolved": 0.25, "trained/original": 0.375, "trained/evolved": 0.5}
+    with open(tmp_path / "fst" / "eval.jsonl", "a") as f:  # an earlier step's 2x2 is not the final one
+        for step, scale in ((2, 0.5), (4, 1.0)):
+            f.write(json.dumps({"step": step, "mode": "fst", "eval/mean@4": 0.3,
+                                **{f"eval/2x2/{k}": v * scale for k, v in grid.items()}}) + "\n")
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("sampled the 2x2 again"))
+    job = load_config(TrainJob, SMOKE, [f"output_dir={tmp_path}", "eval.every=2", "eval.k=4", "steps=4"])
+    tbt = write_report(job)["two_by_two"]
+    assert tbt["table"] == grid and tbt["source"] == "final evaluation"
+    assert tbt["contexts"]["evolved"] == "best fst context"
+    assert "computed by the final evaluation" in (tmp_path / "report" / "summary.md").read_text()
+
+
 def test_continual_report_normalises_each_stage_by_the_best_mode_on_that_stages_task(tmp_path):
     # two stages of 10 steps; evaluations every 5 steps on the stage's own task (the one at step
     # 10 opens stage b, evaluated on b)

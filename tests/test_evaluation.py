@@ -256,3 +256,26 @@ def test_plot_metrics_writes_reward_and_kl_pngs_per_mode(tmp_path):
     assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
     with pytest.raises(ValueError, match="mean@k"):
         plot_metrics([{"step": 0, "train/loss": 1.0}], tmp_path)
+
+
+def test_hook_grades_the_base_weights_greedily_once_per_example_and_context():
+    """The base weights never change: later evaluations grade them only on new contexts, and in
+    gepa mode (the policy is the base) greedy scores are reused too; sampled ones never are."""
+    cfg = EvaluationConfig(num_examples=8, k=2, kl=False, two_by_two=True)
+    task = ArithmeticTask()
+    hook = EvaluationHook(cfg)
+    gen = StubGenerator([task], 8)
+    base = {"skill": 1}
+    first = hook.run(gen, {"skill": 4}, base, task, [f"A. {HINT}"], "A.")
+    assert [c[0] for c in gen.calls] == [4, 4, 1]
+    again = hook.run(gen, {"skill": 4}, base, task, [f"A. {HINT}"], "A.")
+    assert [c[0] for c in gen.calls[3:]] == [4, 4]  # sampled and greedy of the trained weights
+    assert again == first
+    hook.run(gen, {"skill": 4}, base, task, [f"B. {HINT}"], "A.")
+    assert {ctx for ctx, _ in gen.calls[-1][1]} == {f"B. {HINT}"} and gen.calls[-1][0] == 1
+    gepa = hook.run(gen, base, base, task, [f"B. {HINT}"], "A.")
+    assert [(c[0], c[3]) for c in gen.calls[-1:]] == [(1, 0.6)]  # only the sampled call
+    assert gepa["eval/2x2/base/evolved"] == gepa["eval/pass@1"] == 3 / 8
+    fresh = {"skill": 1}  # a new base-weights object: its scores are not assumed
+    hook.run(gen, {"skill": 4}, fresh, task, [f"A. {HINT}"], "A.")
+    assert gen.calls[-1][0] == 1 and len(gen.calls[-1][1]) == 16

@@ -183,8 +183,11 @@ def two_by_two_table(job: TrainJob, fst_run: str | Path) -> dict[str, Any]:
     """Greedy pass@1 of {base, trained} weights x {original, evolved} context on the task's
     ``eval.num_examples`` test examples (``eval.seed``): base = ``job.model``, trained =
     ``<fst_run>/hf``, evolved = the run's best kept context, original = the task's original
-    prompt. With a schedule, the task is the last stage's (where the run ended). Returns
-    ``{"table": {"base/original": ..}, "task": name, "contexts": {...}, "examples": n}``."""
+    prompt. With a schedule, the task is the last stage's (where the run ended). When the run's
+    final evaluation (at step ``job.steps``) logged the 2x2, it is those numbers: the same
+    weights, context, examples and greedy decoding, so nothing is sampled again. Returns
+    ``{"table": {"base/original": ..}, "task": name, "contexts": {...}, "examples": n,
+    "source": "final evaluation" | "report"}``."""
     from flax import nnx
 
     from fst_jax.models.loading import load_model
@@ -197,13 +200,19 @@ def two_by_two_table(job: TrainJob, fst_run: str | Path) -> dict[str, Any]:
     hf = run.folder / "hf"
     if not hf.is_dir() or not run.contexts:
         raise FileNotFoundError(f"{run.folder} has no finished fst run (hf/ and contexts.json)")
+    stage = job.stages()[-1]
+    task = make_task(stage.task, **stage.task_options)
+    original, evolved = task.original_prompt, run.contexts[0]
+    info = {"task": stage.task, "contexts": {"original": original, "evolved": evolved}}
+    final = [r for r in run.eval if r.get("step") == job.steps and "eval/2x2/base/original" in r]
+    if final:
+        table = {k[len("eval/2x2/"):]: float(v) for k, v in final[-1].items() if k.startswith("eval/2x2/")}
+        return {"table": table, **info, "examples": job.eval.num_examples, "source": "final evaluation"}
     mesh = make_mesh(job.mesh)
     model, tokenizer = load_model(job.model, job.dtype, job.sampling.max_context_tokens, job.seed)
     sampler = Sampler(model, tokenizer, job.sampling, mesh)
     _, trained_model = load_hf_folder(hf, dtype=job.dtype)
     trained = shard_state(nnx.state(trained_model), mesh)
-    stage = job.stages()[-1]
-    task = make_task(stage.task, **stage.task_options)
     examples = task.examples("test", job.eval.num_examples, seed=job.eval.seed)
 
     def accuracy(weights, context: str) -> float:
@@ -212,10 +221,8 @@ def two_by_two_table(job: TrainJob, fst_run: str | Path) -> dict[str, Any]:
                                       max_new_tokens=job.eval.max_new_tokens)
         return pass_at_1([safe_reward(task, ex, t[0])[0] for ex, t in zip(examples, texts)])
 
-    original, evolved = task.original_prompt, run.contexts[0]
     return {"table": decomposition_2x2(accuracy, sampler.params, trained, original, evolved),
-            "task": stage.task, "contexts": {"original": original, "evolved": evolved},
-            "examples": len(examples)}
+            **info, "examples": len(examples), "source": "report"}
 
 
 # -- the report ---------------------------------------------------------------------------
@@ -339,7 +346,7 @@ def _markdown(summary: dict[str, Any]) -> str:
     tbt = summary["two_by_two"]
     if "table" in tbt:
         lines += [f"On {tbt['examples']} test examples of {tbt['task']}; trained = the fst run's weights, evolved = "
-                  "its best kept context.", "", format_2x2(tbt["table"]), "",
+                  f"its best kept context (computed by the {tbt['source']}).", "", format_2x2(tbt["table"]), "",
                   "Evolved context:", "", "```", tbt["contexts"]["evolved"], "```"]
     else:
         lines.append(f"Not computed: {tbt['skipped']}")
