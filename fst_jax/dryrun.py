@@ -10,14 +10,22 @@ target model and mesh, compiles the project's ``make_train_step`` ahead of time 
 - ``train_step``: XLA's ``memory_analysis()`` of the step exactly as the loop calls it (with
   ``kl.beta > 0`` that includes the reference log-prob pass), compiled as one program
   (arguments, outputs, aliased donations, temporaries);
-- ``total``: its peak estimate, ``resident state and batch + outputs - aliased + temporaries``.
+- ``sampler_weights``: the base weights the loop keeps for sampling beside the train state
+  (``sampler_copy``);
+- one ``<name>_prefill`` and ``<name>_decode`` program per ``GenerateShape`` (the rollout, the
+  evaluation's largest request, the policy reflector's meta-prompts): the sampler's programs
+  compiled for that request (``Sampler.compile_generate``), whose prompt caches, per-sample
+  caches, logits and attention scores come on top of everything resident;
+- ``total``: the largest peak of any program, each ``everything resident + its inputs that are
+  not + outputs - aliased + temporaries``.
 
 It raises ``DryRunError`` naming every part when ``total`` exceeds ``device_memory_gib``.
 
 The compile runs in a subprocess (``XLA_FLAGS=--xla_force_host_platform_device_count=N``,
 ``JAX_PLATFORMS=cpu``) because JAX fixes the device count when it starts. Temporaries are the
 CPU backend's figure for the same partitioned program: fusion differs on GPU/TPU, so treat them
-as an estimate (weights and optimizer bytes are exact). The sampler's KV cache is not counted.
+as an estimate (weights and optimizer bytes are exact). The sampler is compiled with its layers
+scanned (``unroll_layers`` false unless the config says otherwise), as it runs on an accelerator.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from typing import Any
 from fst_jax.config import ConfigError, load_config, require, save_config
 from fst_jax.models.configs import ModelConfig
 from fst_jax.rl.train_step import LearnerConfig
+from fst_jax.sampling import SamplingConfig
 from fst_jax.sharding import MeshConfig
 
 GIB = 1024 ** 3
@@ -46,9 +55,32 @@ class DryRunError(RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
+class GenerateShape:
+    """One sampler request by size (``Sampler.compile_generate``): ``contexts`` distinct contexts
+    of up to ``context_tokens`` tokens, ``prompts_per_context`` prompts under each of up to
+    ``task_tokens`` more, ``samples`` completions per prompt of ``new_tokens`` tokens."""
+
+    name: str = "rollout"
+    contexts: int = 1
+    prompts_per_context: int = 1
+    samples: int = 1
+    context_tokens: int = 1
+    task_tokens: int = 1
+    new_tokens: int = 1
+
+    def __post_init__(self):
+        require(re.fullmatch(r"[a-z_]+", self.name) is not None, "name must be lower-case letters and _")
+        for f in ("contexts", "prompts_per_context", "samples", "context_tokens", "task_tokens",
+                  "new_tokens"):
+            require(getattr(self, f) >= 1, f"{f} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class DryRunSpec:
     """What the subprocess compiles: a model and learner on ``num_devices`` devices shaped by
-    ``mesh``, for a train batch of ``batch_rows`` rows of ``seq_len`` tokens."""
+    ``mesh``, for a train batch of ``batch_rows`` rows of ``seq_len`` tokens; the sampler's
+    programs for each of ``generate`` under ``sampling``; ``sampler_copy``: the loop keeps a
+    copy of the base weights for sampling beside the train state."""
 
     model: ModelConfig = ModelConfig()
     learner: LearnerConfig = LearnerConfig()
@@ -56,8 +88,12 @@ class DryRunSpec:
     num_devices: int = 1
     batch_rows: int = 1
     seq_len: int = 16
+    sampling: SamplingConfig = SamplingConfig()
+    generate: tuple[GenerateShape, ...] = ()
+    sampler_copy: bool = False
 
     def __post_init__(self):
+        require(len({g.name for g in self.generate}) == len(self.generate), "generate names must differ")
         require(self.num_devices >= 1, "num_devices must be >= 1")
         require(self.batch_rows >= 1 and self.seq_len >= 2, "batch_rows >= 1 and seq_len >= 2")
         inner = self.mesh.fsdp * self.mesh.tensor
@@ -73,15 +109,17 @@ class DryRunSpec:
 
 
 def dry_run(model: ModelConfig, learner: LearnerConfig, mesh: MeshConfig, num_devices: int,
-            batch_rows: int, seq_len: int, device_memory_gib: float,
-            timeout_s: float = 900.0) -> dict[str, Any]:
-    """Bytes per device of the train state and the compiled train step (see the module
-    docstring). Returns a JSON-able dict: ``bytes`` (per part, per device), ``programs``
+            batch_rows: int, seq_len: int, device_memory_gib: float, timeout_s: float = 900.0, *,
+            sampling: SamplingConfig = SamplingConfig(), generate: tuple[GenerateShape, ...] = (),
+            sampler_copy: bool = False) -> dict[str, Any]:
+    """Bytes per device of the train state, the compiled train step and the sampler's programs
+    for ``generate`` (see the module docstring). Returns a JSON-able dict: ``bytes`` (per part, per device), ``programs``
     (each compiled program's memory analysis), ``total_bytes``, ``device_memory_bytes``,
     ``fits`` (True), the mesh shape and the compile seconds. Raises ``DryRunError`` when the
     total exceeds ``device_memory_gib`` or the subprocess fails, ``ConfigError`` on a bad spec."""
     require(device_memory_gib > 0, "device_memory_gib must be positive")
-    spec = DryRunSpec(model, learner, mesh, num_devices, batch_rows, seq_len)
+    spec = DryRunSpec(model, learner, mesh, num_devices, batch_rows, seq_len, sampling,
+                      tuple(generate), sampler_copy)
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
                    os.environ.get("XLA_FLAGS", ""))
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
@@ -123,7 +161,7 @@ def format_report(report: dict[str, Any]) -> str:
     """A few human-readable lines (GiB per device) of a ``dry_run`` report."""
     lines = [f"mesh {report['mesh']}: {report['total_bytes'] / GIB:.2f} GiB per device of "
              f"{report['device_memory_bytes'] / GIB:.2f}"]
-    lines += [f"  {k:<10} {v / GIB:8.3f} GiB" for k, v in report["bytes"].items()]
+    lines += [f"  {k:<16} {v / GIB:8.3f} GiB" for k, v in report["bytes"].items()]
     for name, p in report["programs"].items():
         lines.append(f"  {name}: temporaries {p['temp_size_in_bytes'] / GIB:.3f} GiB, "
                      f"peak {p['peak_bytes'] / GIB:.3f} GiB")
@@ -143,16 +181,18 @@ def _shard_bytes(tree: Any) -> int:
     return total
 
 
-def _memory(compiled, resident: int) -> dict[str, int]:
+def _memory(compiled, resident: int, resident_args: int) -> dict[str, int]:
     """XLA's memory analysis of one compiled program, and its peak estimate: everything
-    resident (state and batch, whether or not the program reads it) plus its outputs that do
-    not reuse a donated input, plus its temporaries."""
+    resident (state and batch, whether or not the program reads it), plus its arguments that
+    are not (all but ``resident_args`` bytes of them), plus its outputs that do not reuse a
+    donated input, plus its temporaries."""
     ma = compiled.memory_analysis()
     names = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
              "temp_size_in_bytes", "generated_code_size_in_bytes")
     out = {n: int(getattr(ma, n)) for n in names}
-    out["peak_bytes"] = (max(resident, out["argument_size_in_bytes"]) + out["output_size_in_bytes"]
-                         - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
+    out["peak_bytes"] = (resident + max(0, out["argument_size_in_bytes"] - resident_args)
+                         + out["output_size_in_bytes"] - out["alias_size_in_bytes"]
+                         + out["temp_size_in_bytes"])
     return out
 
 
@@ -200,8 +240,29 @@ def measure(spec: DryRunSpec) -> dict[str, Any]:
              "optimizer": _shard_bytes(state.opt_state),
              "other_state": _shard_bytes((state.step, state.skipped, state.rng)),
              "batch": _shard_bytes(batch)}
+    parts["sampler_weights"] = parts["weights"] if spec.sampler_copy else 0
     resident = sum(parts.values())
-    programs = {name: _memory(c, resident) for name, c in programs.items()}
+    programs = {"train_step": _memory(programs["train_step"], resident, resident)}
+    if spec.generate:
+        from flax import nnx
+
+        from fst_jax.models.tokenizer import ByteChatTokenizer
+        from fst_jax.sampling import Sampler
+
+        cfg = spec.sampling
+        if cfg.unroll_layers is None:  # the accelerator's choice, not this CPU's
+            cfg = dataclasses.replace(cfg, unroll_layers=False)
+        sampler = Sampler(nnx.eval_shape(lambda: init_model(spec.model)),
+                          ByteChatTokenizer(cfg.max_context_tokens), cfg, mesh)
+        # Full fine-tuning samples from the trained weights themselves; LoRA from a merged copy.
+        held = _shard_bytes(sampler.params) if parts["lora"] == 0 else 0
+        for g in spec.generate:
+            t0 = time.perf_counter()
+            compiled = sampler.compile_generate(g.contexts, g.prompts_per_context, g.samples,
+                                                g.context_tokens, g.task_tokens, g.new_tokens)
+            seconds[g.name] = time.perf_counter() - t0
+            for phase, c in compiled.items():
+                programs[f"{g.name}_{phase}"] = _memory(c, resident, held)
     m = spec.model
     model = f"{m.family} model ({m.num_layers} layers, hidden {m.hidden_size})"
     return {"model": model, "bytes": parts, "programs": programs,

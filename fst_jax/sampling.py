@@ -33,12 +33,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from fst_jax.checkpoint import abstract_target
 from fst_jax.config import require
 from fst_jax.distributed import fetch
 from fst_jax.models.tokenizer import PromptTokenizer
 from fst_jax.models.transformer import KV, SharedKV, Transformer, positions_from_mask
 from fst_jax.padding import bucket, pad_rows
-from fst_jax.sharding import BATCH_AXES, batch_sharding, replicated, shard_state
+from fst_jax.sharding import BATCH_AXES, batch_sharding, replicated, shard_state, state_shardings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +225,13 @@ def sample_tokens(keys, logits, temperature, top_p, top_k):
     return tokens, jnp.take_along_axis(scaled, tokens[:, None], -1)[:, 0] - lse
 
 
+def chunk_size(num_pairs: int, max_prompts: int, batch_devices: int = 1) -> int:
+    """Prompts per call when ``generate_text`` serves ``num_pairs`` pairs: the next power of two,
+    at most ``max_prompts``, rounded up to a multiple of ``batch_devices``."""
+    chunk = min(max_prompts, 1 << (num_pairs - 1).bit_length())
+    return chunk + (-chunk % batch_devices)
+
+
 class Sampler:
     """Batched, jitted sampling from a ``Transformer``; see the module docstring.
 
@@ -242,7 +250,11 @@ class Sampler:
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.graphdef, params = nnx.split(model)
-        self.params = shard_state(params, mesh) if mesh is not None else params
+        if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+            # an abstract model (nnx.eval_shape): programs can be compiled (compile_generate), not run
+            self.params = abstract_target(params, state_shardings(params, mesh)) if mesh is not None else params
+        else:
+            self.params = shard_state(params, mesh) if mesh is not None else params
         self.trace_counts: collections.Counter = collections.Counter()
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("n",))
         self._decode = jax.jit(self._decode_fn, static_argnames=("max_new",))
@@ -278,11 +290,42 @@ class Sampler:
             return 1
         return int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
 
+    def _row_sharding(self, shape: tuple[int, ...]):
+        """Rows split over the batch axes when they divide evenly, else replicated."""
+        shard = shape[0] % self._batch_devices() == 0
+        return batch_sharding(self.mesh, len(shape)) if shard else replicated(self.mesh)
+
     def _put(self, x: np.ndarray):
         if self.mesh is None:
             return jnp.asarray(x)
-        shard = x.shape[0] % self._batch_devices() == 0
-        return jax.device_put(x, batch_sharding(self.mesh, x.ndim) if shard else replicated(self.mesh))
+        return jax.device_put(x, self._row_sharding(x.shape))
+
+    def compile_generate(self, contexts: int, prompts_per_context: int, n: int, context_tokens: int,
+                         task_tokens: int, max_new_tokens: int) -> dict[str, jax.stages.Compiled]:
+        """Ahead-of-time compiles of the prefill and decode programs that ``generate`` runs for
+        ``contexts`` distinct contexts of up to ``context_tokens`` tokens with
+        ``prompts_per_context`` prompts each of up to ``task_tokens`` more, ``n`` samples per
+        prompt and ``max_new_tokens`` new tokens (counts rounded up to powers of two and lengths
+        to the prompt buckets, as ``share_plan`` pads them), over ``self.params``' shapes and
+        shardings. Nothing runs: for memory analysis (``fst_jax.dryrun``)."""
+        pow2 = lambda x: 1 << (x - 1).bit_length()  # noqa: E731
+        C, m = pow2(contexts), pow2(prompts_per_context)
+        Lc, Lt = (bucket(t, self.config.prompt_buckets) for t in (context_tokens, task_tokens))
+
+        def arg(shape, dtype):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=None if self.mesh is None
+                                        else self._row_sharding(shape))
+
+        prefill = self._prefill.lower(self.graphdef, self.params, arg((C, Lc), jnp.int32),
+                                      arg((C, Lc), jnp.bool_), arg((C * m, Lt), jnp.int32),
+                                      arg((C * m, Lt), jnp.bool_), arg((C * m,), jnp.int32), n=n).compile()
+        logits, levels = prefill.out_info  # shapes and shardings of the prefill's outputs
+        B = C * m * n
+        rows = [arg((B,), dt) for dt in (jnp.int32, jnp.int32)]
+        knobs = [arg((B,), dt) for dt in (jnp.float32, jnp.float32, jnp.int32)]
+        decode = self._decode.lower(self.graphdef, self.params, logits, levels, *rows, jax.random.key(0),
+                                    *knobs, max_new=max_new_tokens).compile()
+        return {"prefill": prefill, "decode": decode}
 
     def generate(self, params, prompts: PromptBatch, n: int = 1, seed: int = 0,
                  temperature: float | None = None, top_p: float | None = None,
@@ -320,8 +363,7 @@ class Sampler:
         """``n`` completion texts per (context, task) pair, in order. Requests run in equal
         chunks of a power of two up to ``max_prompts_per_batch`` prompts (the last chunk padded
         by repeating a pair), so request sizes share few compiled programs."""
-        chunk = min(self.config.max_prompts_per_batch, 1 << (len(pairs) - 1).bit_length())
-        chunk += -chunk % self._batch_devices()
+        chunk = chunk_size(len(pairs), self.config.max_prompts_per_batch, self._batch_devices())
         texts: list[list[str]] = []
         for start in range(0, len(pairs), chunk):
             part = list(pairs[start:start + chunk])

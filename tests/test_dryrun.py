@@ -48,3 +48,33 @@ def test_qwen3_8b_fsdp8_fits_an_h100_and_a_small_device_gets_a_clear_error():
 def test_dry_run_rejects_a_mesh_that_does_not_fill_the_devices():
     with pytest.raises(ConfigError, match="does not fill 8 devices"):
         dry_run(configs.tiny("llama"), LearnerConfig(), MeshConfig(data=1, fsdp=4), 8, 8, 32, 1.0)
+
+
+def test_sampler_programs_count_the_kv_caches_of_each_request_and_a_too_large_one_is_refused():
+    from fst_jax.dryrun import GenerateShape
+    from fst_jax.sampling import SamplingConfig
+
+    cfg = configs.tiny("llama")
+    sampling = SamplingConfig(prompt_buckets=(32, 64), max_context_tokens=32)
+    small = GenerateShape("rollout", contexts=2, prompts_per_context=4, samples=2, context_tokens=32,
+                          task_tokens=32, new_tokens=16)
+    big = GenerateShape("eval", contexts=2, prompts_per_context=64, samples=8, context_tokens=32,
+                        task_tokens=64, new_tokens=256)
+    report = dry_run(cfg, LearnerConfig(), MeshConfig(fsdp=2), num_devices=2, batch_rows=4, seq_len=32,
+                     device_memory_gib=1.0, sampling=sampling, generate=(small, big), sampler_copy=True)
+    p = report["programs"]
+    assert set(p) == {"train_step", "rollout_prefill", "rollout_decode", "eval_prefill", "eval_decode"}
+    b = report["bytes"]
+    assert b["sampler_weights"] == b["weights"]
+    resident = sum(b.values())
+    # The per-sample caches of 2 x 64 prompts x 8 samples x 256 new tokens, split over 2 devices:
+    L, K, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
+    suffix = 2 * L * (2 * 64 * 8 // 2) * K * 256 * hd * 4
+    assert p["eval_decode"]["temp_size_in_bytes"] >= suffix
+    assert p["eval_decode"]["peak_bytes"] >= resident + suffix > p["rollout_decode"]["peak_bytes"]
+    # The prompt caches come out of the prefill and into the decode, on top of the resident state.
+    prompt_cache = 2 * L * (2 * 64 // 2) * K * 64 * hd * 4
+    assert p["eval_decode"]["argument_size_in_bytes"] >= prompt_cache
+    assert report["total_bytes"] == max(q["peak_bytes"] for q in p.values()) == p["eval_decode"]["peak_bytes"]
+    with pytest.raises(DryRunError, match="eval_decode temporaries"):
+        check_fits(report, 0.9 * report["total_bytes"] / GIB)

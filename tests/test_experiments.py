@@ -1,6 +1,7 @@
 """Every experiment config in experiments/ loads and validates against its job's dataclass; the
 paper setups come in cpu and pod sizes with the paper's shapes; the pod configs' dry run fits."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -131,5 +132,27 @@ def test_codeio_pod_dry_run_fits_an_8_x_h100_node():
     assert b["weights"] == b["reference"] == b["sampler_weights"]
     assert b["weights"] == pytest.approx(4 * report["num_params"] / 8, rel=1e-3)
     assert report["total_bytes"] <= 72 * GIB
+    # The sampler's requests are compiled too: their caches come on top of the resident state.
+    sampler = {f"{g}_{p}" for g in ("rollout", "eval", "reflection") for p in ("prefill", "decode")}
+    assert sampler <= set(report["programs"])
+    assert report["total_bytes"] == max(p["peak_bytes"] for p in report["programs"].values())
     print(json.dumps({k: round(v / GIB, 2) for k, v in b.items()} | {
         "total_gib": round(report["total_bytes"] / GIB, 2)}))
+
+
+def test_pod_dry_run_compiles_the_rollout_the_largest_eval_chunk_and_the_reflection_requests():
+    from fst_jax.dryrun import GenerateShape
+    from fst_jax.jobs.preflight import _largest_chunk, generate_shapes
+
+    job = _load("codeio_pod.yaml")
+    rollout, ev, reflection = generate_shapes(job)
+    # K = 4 contexts x 32 problems x 2 samples; prompts of 2048 tokens, up to 1024 of context.
+    assert rollout == GenerateShape("rollout", 4, 32, 2, 1024, 1024, 1024)
+    # 256 examples x (best, original) then 256 OOD codeio in chunks of 256 prompts: 2 x 128 is the largest.
+    assert ev == GenerateShape("eval", 2, 128, 4, 1024, 1024, 1024)
+    assert reflection == GenerateShape("reflection", 1, job.fast.gepa.parallel_proposals, 1, 256, 8192, 2048)
+    # A chunk across the boundary holds three contexts; padding repeats its last pair.
+    assert _largest_chunk(["a", "b"] * 3 + ["ood"] * 3, 4) == (3, 2)
+    assert _largest_chunk(["a"] * 5, 4) == (1, 4)
+    rl = generate_shapes(dataclasses.replace(job, mode="rl"))
+    assert rl[0] == GenerateShape("rollout", 1, 32, 8, 1024, 1024, 1024) and len(rl) == 2

@@ -7,21 +7,24 @@ preset name from ``ARCHITECTURES`` for when the model folder is not on this mach
 
 ``preflight(job)`` runs ``fst_jax.dryrun.dry_run`` on the job's model, learner and mesh for one
 train batch of ``problems_per_step * samples_per_problem`` rows of ``target.prompt_tokens``
-(default: the largest prompt bucket) ``+ max_new_tokens`` tokens, adds the sampler's copy of the
-base weights that the loop holds beside the train state (``sampler_weights``), and raises
-``DryRunError`` when the total exceeds ``device_memory_gib``. The sampler's KV cache is not
-counted (it lives only while sampling, when the train step's temporaries do not).
+(default: the largest prompt bucket) ``+ max_new_tokens`` tokens, with the sampler's copy of the
+base weights that the loop holds beside the train state (``sampler_weights``) and the sampler's
+programs for the loop's largest requests (``generate_shapes``: the rollout, the evaluation's
+largest chunk, the policy reflector's meta-prompts), and raises ``DryRunError`` when the total
+exceeds ``device_memory_gib``. GEPA's scoring requests (one sample per prompt) are no larger than
+the evaluation's and are not compiled separately.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from fst_jax.config import ConfigError, require, require_in_registry
-from fst_jax.dryrun import check_fits, dry_run
+from fst_jax.dryrun import GenerateShape, check_fits, dry_run
 from fst_jax.models import configs
 from fst_jax.models.configs import ModelConfig
 
@@ -82,6 +85,50 @@ def batch_shape(job) -> tuple[int, int]:
             (max(s.prompt_buckets) if prompt is None else prompt) + s.max_new_tokens)
 
 
+def _largest_chunk(contexts: list[str], chunk: int) -> tuple[int, int]:
+    """(distinct contexts, most prompts under one) of the ``chunk``-prompt call (the last padded
+    by repeating its last pair, as ``generate_text`` does) that ``share_plan`` gives the most
+    slots, for pairs whose contexts are ``contexts`` in request order."""
+    pow2 = lambda x: 1 << (x - 1).bit_length()  # noqa: E731
+    best = (1, 1)
+    for start in range(0, len(contexts), chunk):
+        part = contexts[start:start + chunk]
+        counts = Counter(part + [part[-1]] * (chunk - len(part)))
+        shape = (len(counts), max(counts.values()))
+        if pow2(shape[0]) * pow2(shape[1]) > pow2(best[0]) * pow2(best[1]):
+            best = shape
+    return best
+
+
+def generate_shapes(job) -> tuple[GenerateShape, ...]:
+    """The loop's largest sampler requests: the rollout (K contexts x ``problems_per_step``
+    prompts x G/K samples), the evaluation's sampled call (the best context and the original
+    prompt on ``eval.num_examples`` examples, then each OOD task's, ``eval.k`` samples; its
+    largest ``generate_text`` chunk) and, for a policy reflector, ``parallel_proposals``
+    meta-prompts in the largest prompt bucket. A prompt is ``target.prompt_tokens`` (default: the
+    largest bucket) long, its context up to ``sampling.max_context_tokens`` of it."""
+    from fst_jax.sampling import chunk_size
+
+    s, ev, gepa = job.sampling, job.eval, job.fast.gepa
+    prompt = max(s.prompt_buckets) if job.target.prompt_tokens is None else job.target.prompt_tokens
+    context = min(s.max_context_tokens, prompt - 1)
+    K = gepa.top_k if job.evolves_contexts else 1
+    shapes = [GenerateShape("rollout", K, job.problems_per_step, job.samples_per_problem // K,
+                            context, prompt - context, s.max_new_tokens)]
+    if ev.every > 0:
+        main = ["best", "original"] if job.evolves_contexts else ["original"]
+        labels = [c for _ in range(ev.num_examples) for c in main]
+        labels += [t for t in ev.ood_tasks for _ in range(ev.num_examples)]
+        devices = job.mesh.data * job.mesh.fsdp if job.mesh.data > 0 else job.target.devices // job.mesh.tensor
+        contexts, prompts = _largest_chunk(labels, chunk_size(len(labels), s.max_prompts_per_batch, devices))
+        shapes.append(GenerateShape("eval", contexts, prompts, ev.k, context, prompt - context,
+                                    ev.max_new_tokens or s.max_new_tokens))
+    if job.evolves_contexts and gepa.reflection.backend == "policy":
+        shapes.append(GenerateShape("reflection", 1, gepa.parallel_proposals, 1, min(s.prompt_buckets),
+                                    max(s.prompt_buckets), gepa.reflection.max_tokens))
+    return tuple(shapes)
+
+
 def preflight(job, timeout_s: float = 900.0) -> dict[str, Any]:
     """The dry-run report of ``job`` on ``job.target`` (see the module doc). Raises
     ``ConfigError`` when ``target.device_memory_gib`` is not set, ``DryRunError`` when the
@@ -92,13 +139,11 @@ def preflight(job, timeout_s: float = 900.0) -> dict[str, Any]:
                           "target's devices has (e.g. target.device_memory_gib=72 for an H100 at "
                           "XLA's 90% memory fraction)")
     rows, tokens = batch_shape(job)
-    report = dry_run(model_config(job), job.learner, job.mesh, t.devices, rows, tokens,
-                     t.device_memory_gib, timeout_s=timeout_s)
     # The loop keeps the sampler's base weights (frozen policy of mode gepa, KL and 2x2 base)
     # beside the train state: as many bytes per device as the weights, sharded the same way.
-    base = report["bytes"]["weights"] if job.trains_weights else 0
-    report["bytes"] = {**report["bytes"], "sampler_weights": base}
-    report["total_bytes"] += base
+    report = dry_run(model_config(job), job.learner, job.mesh, t.devices, rows, tokens,
+                     t.device_memory_gib, timeout_s=timeout_s, sampling=job.sampling,
+                     generate=generate_shapes(job), sampler_copy=job.trains_weights)
     report["batch_shape"] = [rows, tokens]
     if not job.trains_weights:
         report["note"] = f"mode {job.mode} trains no weights: the train step is never run"
