@@ -148,8 +148,8 @@ def test_pod_dry_run_compiles_the_rollout_the_largest_eval_chunk_and_the_reflect
     rollout, ev, reflection = generate_shapes(job)
     # K = 4 contexts x 32 problems x 2 samples; prompts of 2048 tokens, up to 1024 of context.
     assert rollout == GenerateShape("rollout", 4, 32, 2, 1024, 1024, 1024)
-    # 256 examples x (best, original) then 256 OOD codeio in chunks of 256 prompts: 2 x 128 is the largest.
-    assert ev == GenerateShape("eval", 2, 128, 4, 1024, 1024, 1024)
+    # 256 examples x (best, original) then 256 OOD codeio in chunks of 64 prompts: 2 x 32 is the largest.
+    assert ev == GenerateShape("eval", 2, 32, 4, 1024, 1024, 1024)
     assert reflection == GenerateShape("reflection", 1, job.fast.gepa.parallel_proposals, 1, 256, 8192, 2048)
     # A chunk across the boundary holds three contexts; padding repeats its last pair.
     assert _largest_chunk(["a", "b"] * 3 + ["ood"] * 3, 4) == (3, 2)
