@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
@@ -282,7 +283,8 @@ class EvaluationConfig:
     comparable across modes and checkpoints; "best": the best evolved context) (guess);
     ``two_by_two`` adds greedy pass@1 of the base weights with both contexts (the 2x2).
     ``max_new_tokens`` None keeps the generator's default; ``seed`` picks the examples and the
-    samples (the same at every evaluation, so checkpoints are compared on equal draws).
+    samples: each (task, example, context) has its own draws, the same at every evaluation and
+    in every mode, so checkpoints and modes are compared on equal draws.
     """
 
     every: int = 0
@@ -366,9 +368,11 @@ class EvaluationHook:
         keys = list(dict.fromkeys((t.name, ex.id, ctx) for t, ex, ctx in jobs))
         by_key = {(t.name, ex.id, ctx): (t, ex) for t, ex, ctx in jobs}
         pairs = [(ctx, by_key[(name, ex_id, ctx)][1].prompt) for name, ex_id, ctx in keys]
+        # Draws named by (task, example, context): equal in every evaluation and mode.
+        ids = [zlib.crc32("\0".join(k).encode()) % (2**31 // n) for k in keys]
         texts = generator.generate_text(params, pairs, n=n, seed=self.config.seed,
                                         temperature=temperature,
-                                        max_new_tokens=self.config.max_new_tokens)
+                                        max_new_tokens=self.config.max_new_tokens, prompt_ids=ids)
         if len(texts) != len(keys) or any(len(t) != n for t in texts):
             raise ValueError(f"generator returned {len(texts)} groups for {len(keys)} prompts (n={n})")
         return {k: np.array([safe_reward(*by_key[k], out)[0] for out in outs])

@@ -12,8 +12,10 @@ an RL batch of K contexts x m problems, or GEPA scoring one candidate over many 
 each context's keys/values once per decode step instead of once per row. The compiled programs
 depend on the length buckets, ``n``, ``max_new_tokens``, and the number of distinct contexts and
 the most prompts sharing one (both rounded up to powers of two), never on the texts. Each row
-draws from its own key, ``fold_in(fold_in(seed, prompt_index * n + sample_index), step)``, so
-results do not depend on the batch they were computed in.
+draws from its own key, ``fold_in(fold_in(seed, prompt_id * n + sample_index), step)``, so
+results do not depend on the batch they were computed in: ``prompt_id`` is the prompt's index in
+the request, or an id the caller gives (``prompt_ids``), which makes a prompt's draws the same in
+any request (evaluations compare checkpoints and modes on equal draws).
 
 Returned log-probs are those of the sampled tokens under the temperature-scaled, unfiltered
 model distribution ``log_softmax(logits / T)`` (``T = 1`` for greedy rows).
@@ -329,10 +331,16 @@ class Sampler:
 
     def generate(self, params, prompts: PromptBatch, n: int = 1, seed: int = 0,
                  temperature: float | None = None, top_p: float | None = None,
-                 top_k: int | None = None, max_new_tokens: int | None = None) -> Samples:
+                 top_k: int | None = None, max_new_tokens: int | None = None,
+                 prompt_ids: Sequence[int] | None = None) -> Samples:
         """Sample ``n`` completions per prompt row (see ``Samples``). ``None`` arguments take the
-        config's values; each distinct ``max_new_tokens`` compiles its own decode program."""
+        config's values; each distinct ``max_new_tokens`` compiles its own decode program.
+        ``prompt_ids``: one id per prompt row naming its draws (default: the row's index), with
+        ``0 <= id`` and ``(id + 1) * n <= 2**31``."""
         cfg = self.config
+        ids = np.arange(prompts.num_prompts) if prompt_ids is None else np.asarray(prompt_ids, np.int64)
+        require(ids.shape == (prompts.num_prompts,), f"{len(ids)} prompt_ids for {prompts.num_prompts} prompts")
+        require(ids.min() >= 0 and (ids.max() + 1) * n <= 2**31, "prompt_ids must be in [0, 2**31 / n)")
         plan = share_plan(prompts, cfg.prompt_buckets, self.tokenizer.pad_id)
         B = plan.num_slots * n
         per_row = lambda v, dflt, dt: np.full((B,), dflt if v is None else v, dt)  # noqa: E731
@@ -340,7 +348,7 @@ class Sampler:
         tp = per_row(top_p, cfg.top_p, np.float32)
         tk = per_row(top_k, cfg.top_k, np.int32)
         samples = np.arange(n, dtype=np.int32)
-        row_ids = (plan.prompt_of_slot[:, None] * n + samples).reshape(-1)
+        row_ids = (ids[plan.prompt_of_slot][:, None] * n + samples).reshape(-1).astype(np.int32)
         start_pos = np.repeat(plan.task_start + plan.task_mask.sum(1).astype(np.int32), n)
         first_logits, levels = self.prefill(params, plan, n)
         out = self._decode(self.graphdef, params, first_logits, levels, self._put(start_pos),
@@ -359,18 +367,25 @@ class Sampler:
 
     def generate_text(self, params, pairs: Sequence[tuple[str, str]], n: int = 1, seed: int = 0,
                       temperature: float | None = None, top_p: float | None = None,
-                      top_k: int | None = None, max_new_tokens: int | None = None) -> list[list[str]]:
+                      top_k: int | None = None, max_new_tokens: int | None = None,
+                      prompt_ids: Sequence[int] | None = None) -> list[list[str]]:
         """``n`` completion texts per (context, task) pair, in order. Requests run in equal
         chunks of a power of two up to ``max_prompts_per_batch`` prompts (the last chunk padded
-        by repeating a pair), so request sizes share few compiled programs."""
+        by repeating a pair), so request sizes share few compiled programs. ``prompt_ids`` (one
+        per pair, see ``generate``) make each pair's draws independent of the request."""
+        require(prompt_ids is None or len(prompt_ids) == len(pairs), "one prompt id per pair")
         chunk = chunk_size(len(pairs), self.config.max_prompts_per_batch, self._batch_devices())
         texts: list[list[str]] = []
         for start in range(0, len(pairs), chunk):
             part = list(pairs[start:start + chunk])
             real = len(part)
             part += [part[-1]] * (chunk - real)
-            s = self.generate(params, self.encode(part), n, seed + start, temperature, top_p, top_k,
-                              max_new_tokens)
+            ids = None
+            if prompt_ids is not None:
+                ids = list(prompt_ids[start:start + chunk])
+                ids += [ids[-1]] * (chunk - real)
+            s = self.generate(params, self.encode(part), n, seed if ids is not None else seed + start, temperature,
+                              top_p, top_k, max_new_tokens, ids)
             for p in range(real):
                 texts.append([self.decode_row(s, p * n + j) for j in range(n)])
         return texts

@@ -162,10 +162,12 @@ class StubGenerator:
         self.index = {ex.prompt: (i, ex.answer) for t in tasks
                       for i, ex in enumerate(t.examples("test", n_examples, seed=0))}
         self.calls = []
+        self.ids = {}
 
     def generate_text(self, params, pairs, n=1, seed=0, temperature=None, top_p=None, top_k=None,
-                      max_new_tokens=None):
+                      max_new_tokens=None, prompt_ids=None):
         self.calls.append((params["skill"], list(pairs), n, temperature))
+        self.ids.update(zip(pairs, prompt_ids))
         out = []
         for context, prompt in pairs:
             i, answer = self.index[prompt]
@@ -279,3 +281,17 @@ def test_hook_grades_the_base_weights_greedily_once_per_example_and_context():
     fresh = {"skill": 1}  # a new base-weights object: its scores are not assumed
     hook.run(gen, {"skill": 4}, fresh, task, [f"A. {HINT}"], "A.")
     assert gen.calls[-1][0] == 1 and len(gen.calls[-1][1]) == 16
+
+
+def test_hook_names_each_example_and_contexts_draws_the_same_in_every_mode():
+    """rl mode asks for the original prompt alone, fst for the evolved context beside it: the
+    (example, original prompt) pairs keep their prompt ids, so both modes sample them alike."""
+    cfg = EvaluationConfig(num_examples=8, k=2, kl=False, greedy=False)
+    task = ArithmeticTask()
+    rl, fst = EvaluationHook(cfg), EvaluationHook(cfg)
+    gen_rl, gen_fst = StubGenerator([task], 8), StubGenerator([task], 8)
+    rl.run(gen_rl, {"skill": 3}, None, task, ["A."], "A.")
+    fst.run(gen_fst, {"skill": 3}, None, task, [f"A. {HINT}"], "A.")
+    original = {pair: i for pair, i in gen_fst.ids.items() if pair[0] == "A."}
+    assert original == gen_rl.ids and len(original) == 8
+    assert len(set(gen_fst.ids.values())) == 16  # distinct pairs, distinct draws

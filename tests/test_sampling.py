@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers
 
+from fst_jax.config import ConfigError
 from fst_jax.models.configs import tiny
 from fst_jax.models.tokenizer import ByteChatTokenizer
 from fst_jax.models.transformer import init_model, positions_from_mask
@@ -107,6 +108,22 @@ def test_same_seed_is_deterministic_and_other_seed_differs(model, tok):
     c = sampler.generate(sampler.params, prompts, n=2, seed=12)
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert not np.array_equal(a.tokens, c.tokens)
+
+
+def test_a_prompt_id_gives_a_prompt_the_same_draws_at_any_position_and_in_any_chunk(model, tok):
+    sampler = make_sampler(model, tok, max_prompts_per_batch=2, max_new_tokens=8, prompt_buckets=(128,))
+    ids = [7, 123, 40]
+    texts = sampler.generate_text(sampler.params, PAIRS, n=2, seed=5, prompt_ids=ids)
+    moved = sampler.generate_text(sampler.params, PAIRS[::-1], n=2, seed=5, prompt_ids=ids[::-1])
+    assert moved[::-1] == texts
+    alone = sampler.generate_text(sampler.params, PAIRS[2:], n=2, seed=5, prompt_ids=ids[2:])
+    assert alone[0] == texts[2]
+    by_position = sampler.generate_text(sampler.params, PAIRS[::-1], n=2, seed=5)
+    assert by_position[::-1] != texts  # without ids a prompt's draws follow its position
+    with pytest.raises(ConfigError, match="one prompt id per pair"):
+        sampler.generate_text(sampler.params, PAIRS, prompt_ids=[1])
+    with pytest.raises(ConfigError, match=r"in \[0, 2\*\*31 / n\)"):
+        sampler.generate(sampler.params, sampler.encode(PAIRS[:1]), n=2, prompt_ids=[2**30])
 
 
 def test_rows_stop_at_eos_and_are_padded_after_it(model, tok):

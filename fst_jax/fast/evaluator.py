@@ -27,8 +27,10 @@ class TextGenerator(Protocol):
 
     def generate_text(self, params: Any, pairs: Sequence[tuple[str, str]], n: int = 1, seed: int = 0,
                       temperature: float | None = None, top_p: float | None = None,
-                      top_k: int | None = None, max_new_tokens: int | None = None) -> list[list[str]]:
-        """``n`` completions for each (context, user message) pair, in order."""
+                      top_k: int | None = None, max_new_tokens: int | None = None,
+                      prompt_ids: Sequence[int] | None = None) -> list[list[str]]:
+        """``n`` completions for each (context, user message) pair, in order; ``prompt_ids``
+        (one per pair) name each pair's random draws, so they do not depend on the request."""
         ...
 
 
