@@ -161,7 +161,7 @@ def _kl_batch(tokens, positions, mask, loss_mask, multiple: int) -> TrainBatch:
     return TrainBatch(tokens=tokens, positions=positions, mask=mask, loss_mask=loss_mask,
                       sampler_logp=zf, ref_logp=zf, advantages=zi.astype(np.float32),
                       rewards=zi.astype(np.float32), group_ids=np.arange(rows, dtype=np.int32),
-                      context_ids=zi)
+                      context_ids=zi, temperature=np.ones(rows, np.float32))
 
 
 def samples_to_rows(samples: Any, multiple: int = 1) -> TrainBatch:

@@ -98,7 +98,8 @@ def rollout(sampler: Sampler, params: Any, problems: Sequence[Example], contexts
         [samples.tokens[r, :samples.lengths[r]] for r in rows],
         [samples.logprobs[r, :samples.lengths[r]] for r in rows],
         rewards, groups, context_ids, pad_id=sampler.tokenizer.pad_id, advantage=advantage,
-        prompt_buckets=sampler.config.prompt_buckets, completion_buckets=(samples.tokens.shape[1],))
+        prompt_buckets=sampler.config.prompt_buckets, completion_buckets=(samples.tokens.shape[1],),
+        temperature=samples.temperature[rows])
     return Rollout(batch, rewards, problem_ids, context_ids, samples.finished, samples.lengths,
                    completions, [f for _, f in graded], list(contexts),
                    {"rollout": t1 - t0, "reward": t2 - t1})

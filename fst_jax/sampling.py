@@ -98,9 +98,11 @@ class PromptBatch:
 class Samples:
     """Completions for ``P * n`` rows; row ``r`` continues ``prompts`` row ``r // n``.
 
-    tokens int32 ``[P*n, N]`` (``pad_id`` after the end), logprobs float32 ``[P*n, N]``,
-    mask bool ``[P*n, N]`` (generated tokens, the EOS included), lengths int32 ``[P*n]``,
-    finished bool ``[P*n]`` (ended with EOS rather than by the length limit).
+    tokens int32 ``[P*n, N]`` (``pad_id`` after the end), logprobs float32 ``[P*n, N]``
+    (under ``log_softmax(logits / temperature)``), mask bool ``[P*n, N]`` (generated tokens, the
+    EOS included), lengths int32 ``[P*n]``, finished bool ``[P*n]`` (ended with EOS rather than
+    by the length limit), temperature float32 ``[P*n]`` (the one the log-probs are under: 1 for
+    greedy rows).
     """
 
     prompts: PromptBatch
@@ -110,6 +112,7 @@ class Samples:
     mask: np.ndarray
     lengths: np.ndarray
     finished: np.ndarray
+    temperature: np.ndarray
 
     @property
     def prompt_index(self) -> np.ndarray:
@@ -356,7 +359,8 @@ class Sampler:
                            self._put(tp), self._put(tk), max_new=max_new_tokens or cfg.max_new_tokens)
         take = (plan.slot_of_prompt[:, None] * n + samples).reshape(-1)
         tokens, logprobs, mask, finished = (fetch(a)[take] for a in out)
-        return Samples(prompts, n, tokens, logprobs, mask, mask.sum(1).astype(np.int32), finished)
+        scale = np.where(temp > 0, temp, 1.0).astype(np.float32)[take]
+        return Samples(prompts, n, tokens, logprobs, mask, mask.sum(1).astype(np.int32), finished, scale)
 
     def prefill(self, params, plan: SharePlan, n: int = 1):
         """Device prefill of a ``share_plan``: (first logits ``[C*m*n, V]``, the two

@@ -8,7 +8,8 @@ Row layout (``T = P + C``, both from static length buckets)::
 Alignment: every ``[B, T]`` array at index ``t`` refers to token ``t``, predicted from tokens
 ``< t``. ``loss_mask[b, t]`` is True iff token ``t`` is a real completion token;
 ``sampler_logp[b, t]`` / ``ref_logp[b, t]`` are the sampler's / reference model's
-``log pi(tokens[b, t] | tokens[b, :t])`` there (0 elsewhere); ``train_step`` computes
+``log pi(tokens[b, t] | tokens[b, :t])`` there (0 elsewhere), both under
+``log_softmax(logits / temperature[b])``, the row's sampling temperature; ``train_step`` computes
 ``ref_logp`` itself whenever the KL term is on, so callers never fill it. Positions count real tokens from 0
 (``positions_from_mask``), the same convention the sampler uses. Padding rows (to reach a
 static batch size) and rows of dropped groups have an all-False ``loss_mask``.
@@ -34,7 +35,8 @@ class TrainBatch:
 
     tokens, positions: int32 ``[B, T]``; mask, loss_mask: bool ``[B, T]``;
     sampler_logp, ref_logp: float32 ``[B, T]``; advantages, rewards: float32 ``[B]``;
-    group_ids (problem, in ``[0, B)``), context_ids: int32 ``[B]``.
+    group_ids (problem, in ``[0, B)``), context_ids: int32 ``[B]``; temperature: float32 ``[B]``
+    (> 0: the row's sampling temperature, which the trainer's log-probs use too).
     """
 
     tokens: jax.Array
@@ -47,6 +49,7 @@ class TrainBatch:
     rewards: jax.Array
     group_ids: jax.Array
     context_ids: jax.Array
+    temperature: jax.Array
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -58,7 +61,8 @@ def build_train_batch(prompt_tokens: Sequence[Sequence[int]], completion_tokens:
                       group_ids: Sequence, context_ids: Sequence[int], *, pad_id: int,
                       advantage: AdvantageConfig = AdvantageConfig(), num_rows: int | None = None,
                       prompt_buckets: Sequence[int] | None = None,
-                      completion_buckets: Sequence[int] | None = None) -> TrainBatch:
+                      completion_buckets: Sequence[int] | None = None,
+                      temperature: float | Sequence[float] = 1.0) -> TrainBatch:
     """A host (NumPy) ``TrainBatch`` from per-row lists.
 
     ``completion_logps[i]`` holds the sampler's log-prob of each token of ``completion_tokens[i]``.
@@ -66,6 +70,7 @@ def build_train_batch(prompt_tokens: Sequence[Sequence[int]], completion_tokens:
     completion lengths are padded up to ``bucket`` sizes and the row count up to ``num_rows``
     (default: the number of rows), so shapes stay fixed from step to step. Advantages are
     computed here with ``advantage`` (rows of dropped groups get an empty ``loss_mask``).
+    ``temperature`` (one, or one per row, each > 0): what the sampler's log-probs are under.
     """
     n = len(prompt_tokens)
     if not (len(completion_tokens) == len(completion_logps) == len(rewards) == len(group_ids)
@@ -99,17 +104,22 @@ def build_train_batch(prompt_tokens: Sequence[Sequence[int]], completion_tokens:
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     ctx = np.zeros(B, np.int32)
     ctx[:n] = context_ids
+    temp = np.ones(B, np.float32)
+    temp[:n] = temperature
+    if not (temp > 0).all():
+        raise ValueError("temperature must be > 0 (greedy rows' log-probs are at temperature 1)")
     return TrainBatch(tokens=tokens, positions=positions, mask=mask, loss_mask=loss_mask,
                       sampler_logp=sampler_logp, ref_logp=np.zeros((B, P + C), np.float32),
                       advantages=np.asarray(adv, np.float32), rewards=r, group_ids=gids,
-                      context_ids=ctx)
+                      context_ids=ctx, temperature=temp)
 
 
 def batch_shardings(mesh: Mesh) -> TrainBatch:
     """A ``TrainBatch`` of shardings: every field's leading (batch) axis over ``("data", "fsdp")``."""
     two, one = batch_sharding(mesh, 2), batch_sharding(mesh, 1)
     return TrainBatch(tokens=two, positions=two, mask=two, loss_mask=two, sampler_logp=two,
-                      ref_logp=two, advantages=one, rewards=one, group_ids=one, context_ids=one)
+                      ref_logp=two, advantages=one, rewards=one, group_ids=one, context_ids=one,
+                      temperature=one)
 
 
 def shard_batch(batch: TrainBatch, mesh: Mesh) -> TrainBatch:

@@ -122,10 +122,10 @@ def init_train_state(model: Transformer, cfg: LearnerConfig, mesh: Mesh,
     return graphdef, jax.device_put(state, state_shardings(state, mesh))
 
 
-def _logp_entropy(model: Transformer, x, targets):
-    """Hidden states ``x [B, T, D]`` and next tokens ``targets [B, T]`` -> float32 log-probs and
-    entropies (no gradient) ``[B, T]``."""
-    logits = model.logits(x)  # [B, T, V] float32
+def _logp_entropy(model: Transformer, x, targets, inv_temp):
+    """Hidden states ``x [B, T, D]``, next tokens ``targets [B, T]`` and ``1 / temperature``
+    ``[B]`` -> float32 log-probs and entropies (no gradient) ``[B, T]`` of ``logits / temperature``."""
+    logits = model.logits(x) * inv_temp[:, None, None]  # [B, T, V] float32
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     lg, lse_c = sg(logits), sg(lse)
@@ -133,7 +133,7 @@ def _logp_entropy(model: Transformer, x, targets):
     return picked - lse, ent
 
 
-def _chunked_logp_entropy(model: Transformer, x, targets, chunk: int):
+def _chunked_logp_entropy(model: Transformer, x, targets, inv_temp, chunk: int):
     """``_logp_entropy`` over ``chunk``-token slices of the sequence (zero-padded to a multiple),
     each rematerialised in the backward pass: only ``[B, chunk, V]`` logits live at a time."""
     B, T, D = x.shape
@@ -141,24 +141,26 @@ def _chunked_logp_entropy(model: Transformer, x, targets, chunk: int):
     pad = n * chunk - T
     xs = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(B, n, chunk, D).swapaxes(0, 1)
     ts = jnp.pad(targets, ((0, 0), (0, pad))).reshape(B, n, chunk).swapaxes(0, 1)
-    logp, ent = jax.lax.map(jax.checkpoint(lambda c: _logp_entropy(model, *c)), (xs, ts))
+    logp, ent = jax.lax.map(jax.checkpoint(lambda c: _logp_entropy(model, *c, inv_temp)), (xs, ts))
     unchunk = lambda v: v.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
     return unchunk(logp), unchunk(ent)
 
 
 def token_logprobs(model: Transformer, tokens, positions, mask, with_entropy: bool = False,
-                   adapters: dict | None = None, chunk: int = 0):
+                   adapters: dict | None = None, chunk: int = 0, temperature=None):
     """``logp [B, T]`` float32 of each token given the ones before (0 at ``t = 0``) and, if
-    asked, the policy's entropy ``[B, T]`` at each predicted position (no gradient).
+    asked, the policy's entropy ``[B, T]`` at each predicted position (no gradient), both of
+    ``logits / temperature`` (``temperature [B]``, None: 1), the distribution a row was sampled from.
 
     ``adapters``: LoRA adapters applied on the activations (see ``Transformer.hidden``);
     ``chunk > 0``: compute over sequence chunks of that length (see ``LearnerConfig``)."""
     x, _ = model.hidden(tokens, positions, mask, adapters)
     x, targets = x[:, :-1], tokens[:, 1:]
+    inv_temp = jnp.ones(x.shape[0], jnp.float32) if temperature is None else 1.0 / temperature
     if chunk:
-        logp, ent = _chunked_logp_entropy(model, x, targets, chunk)
+        logp, ent = _chunked_logp_entropy(model, x, targets, inv_temp, chunk)
     else:
-        logp, ent = _logp_entropy(model, x, targets)
+        logp, ent = _logp_entropy(model, x, targets, inv_temp)
     shift = lambda v: jnp.pad(v, ((0, 0), (1, 0)))
     return shift(logp), (shift(ent) if with_entropy else None)
 
@@ -218,7 +220,7 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
     def micro_loss(trainable, frozen, mb: TrainBatch, row_w, denom):
         model, adapters = model_for(trainable, frozen)
         logp, ent = token_logprobs(model, mb.tokens, mb.positions, mb.mask, with_entropy=True,
-                                   adapters=adapters, chunk=cfg.logits_chunk)
+                                   adapters=adapters, chunk=cfg.logits_chunk, temperature=mb.temperature)
         token_loss, _ = POLICY_LOSSES[cfg.loss.name].fn(logp, mb.sampler_logp, mb.advantages,
                                                         cfg.loss)
         total = weighted_sum(token_loss, mb.loss_mask, row_w)
@@ -308,7 +310,7 @@ def make_ref_logprobs(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerCon
 
         def one(mb):
             return token_logprobs(model, mb.tokens, mb.positions, mb.mask,
-                                  chunk=cfg.logits_chunk)[0]
+                                  chunk=cfg.logits_chunk, temperature=mb.temperature)[0]
 
         if k == 1:
             return one(batch)
