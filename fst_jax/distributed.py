@@ -23,6 +23,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from fst_jax.padding import pow2
+
 logger = logging.getLogger(__name__)
 
 _MIN_BUFFER = 256
@@ -66,7 +68,7 @@ def is_primary() -> bool:
 def _padded(payload: bytes, size: int) -> np.ndarray:
     """``payload`` in a zero uint8 buffer of a power of two >= ``size`` bytes, so that varying
     payload sizes reuse a few compiled collectives."""
-    buffer = np.zeros(max(_MIN_BUFFER, 1 << (size - 1).bit_length()), np.uint8)
+    buffer = np.zeros(max(_MIN_BUFFER, pow2(size)), np.uint8)
     buffer[:len(payload)] = np.frombuffer(payload, np.uint8)
     return buffer
 

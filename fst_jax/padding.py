@@ -13,6 +13,11 @@ from typing import Sequence
 import numpy as np
 
 
+def pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (``n >= 1``)."""
+    return 1 << (n - 1).bit_length()
+
+
 def bucket(n: int, buckets: Sequence[int] | None = None, minimum: int = 16) -> int:
     """The smallest of ``buckets`` >= ``n`` (default: powers of two >= ``minimum``);
     ValueError if ``n`` exceeds the largest bucket."""

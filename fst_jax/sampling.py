@@ -40,7 +40,7 @@ from fst_jax.config import require
 from fst_jax.distributed import fetch
 from fst_jax.models.tokenizer import PromptTokenizer
 from fst_jax.models.transformer import KV, SharedKV, Transformer, positions_from_mask
-from fst_jax.padding import bucket, pad_rows
+from fst_jax.padding import bucket, pad_rows, pow2
 from fst_jax.sharding import BATCH_AXES, batch_sharding, replicated, shard_state, state_shardings
 
 
@@ -155,7 +155,6 @@ def share_plan(prompts: PromptBatch, buckets: Sequence[int], pad_id: int) -> Sha
     groups: list[list[int]] = [[] for _ in ids]
     for p, c in enumerate(ctx_of):
         groups[c].append(p)
-    pow2 = lambda x: 1 << (x - 1).bit_length()  # noqa: E731
     C, m = pow2(len(groups)), pow2(max(map(len, groups)))
     groups += [groups[0]] * (C - len(groups))
     prompt_of_slot = np.asarray([g[j % len(g)] for g in groups for j in range(m)], np.int32)
@@ -233,7 +232,7 @@ def sample_tokens(keys, logits, temperature, top_p, top_k):
 def chunk_size(num_pairs: int, max_prompts: int, batch_devices: int = 1) -> int:
     """Prompts per call when ``generate_text`` serves ``num_pairs`` pairs: the next power of two,
     at most ``max_prompts``, rounded up to a multiple of ``batch_devices``."""
-    chunk = min(max_prompts, 1 << (num_pairs - 1).bit_length())
+    chunk = min(max_prompts, pow2(num_pairs))
     return chunk + (-chunk % batch_devices)
 
 
@@ -313,7 +312,6 @@ class Sampler:
         prompt and ``max_new_tokens`` new tokens (counts rounded up to powers of two and lengths
         to the prompt buckets, as ``share_plan`` pads them), over ``self.params``' shapes and
         shardings. Nothing runs: for memory analysis (``fst_jax.dryrun``)."""
-        pow2 = lambda x: 1 << (x - 1).bit_length()  # noqa: E731
         C, m = pow2(contexts), pow2(prompts_per_context)
         Lc, Lt = (bucket(t, self.config.prompt_buckets) for t in (context_tokens, task_tokens))
 

@@ -89,7 +89,8 @@ def _largest_chunk(contexts: list[str], chunk: int) -> tuple[int, int]:
     """(distinct contexts, most prompts under one) of the ``chunk``-prompt call (the last padded
     by repeating its last pair, as ``generate_text`` does) that ``share_plan`` gives the most
     slots, for pairs whose contexts are ``contexts`` in request order."""
-    pow2 = lambda x: 1 << (x - 1).bit_length()  # noqa: E731
+    from fst_jax.padding import pow2
+
     best = (1, 1)
     for start in range(0, len(contexts), chunk):
         part = contexts[start:start + chunk]

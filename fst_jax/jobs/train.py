@@ -45,6 +45,7 @@ from fst_jax.fast.reflection import (BatchedLM, ReflectionError, Reply, estimate
                                      reflect_batch)
 from fst_jax.metrics import LoggingConfig, make_writers
 from fst_jax.models.loading import load_model
+from fst_jax.padding import pow2
 from fst_jax.plots import plot_run
 from fst_jax.rl.batch import to_global
 from fst_jax.rl.train_step import LearnerConfig, init_train_state, make_train_step
@@ -145,7 +146,7 @@ class TrainJob:
                     f"sampling.prompt_buckets' largest bucket {max(sampling.prompt_buckets)} cannot hold the policy "
                     f"reflector's meta-prompt (at least {least} tokens: a context of up to {context} tokens, "
                     f"{gepa.minibatch_size} outputs of up to {sampling.max_new_tokens} tokens and the template); "
-                    f"add a bucket of {1 << (2 * least - 1).bit_length()} or more")
+                    f"add a bucket of {pow2(2 * least)} or more")
 
     def stages(self) -> tuple[StageConfig, ...]:
         """The schedule, or the single stage of ``task`` for ``steps``."""
