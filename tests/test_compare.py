@@ -58,6 +58,14 @@ def test_kl_at_matched_reward_takes_the_highest_reward_both_weight_runs_reached(
     assert out == {"reward": 0.4, "kl": {"rl": 0.05, "fst": 0.01}, "step": {"rl": 20, "fst": 10}}
 
 
+def test_kl_at_matched_reward_never_matches_the_untrained_step_0_evaluation(tmp_path):
+    # Both runs start above anything fst reaches later: the match is fst's best trained checkpoint.
+    _write_run(tmp_path / "rl", "rl", [0, 6, 12], [0.23, 0.12, 0.25], [0.0, 0.008, 0.018])
+    _write_run(tmp_path / "fst", "fst", [0, 6, 12], [0.23, 0.10, 0.11], [0.0, 0.004, 0.010])
+    out = kl_at_matched_reward({m: Run.read(tmp_path / m, m) for m in ("rl", "fst")}, "eval/mean@4")
+    assert out == {"reward": 0.11, "kl": {"rl": 0.008, "fst": 0.010}, "step": {"rl": 6, "fst": 12}}
+
+
 def test_report_on_hand_made_runs_has_peak_steps_fits_ood_and_figures(tmp_path):
     steps = list(range(0, 101, 10))
     rl = sigmoid_curve(steps, 0.4, 40.0, 2.0, 0.1).tolist()

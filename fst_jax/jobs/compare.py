@@ -128,10 +128,11 @@ def mean_key(runs: Mapping[str, Run]) -> str:
 
 
 def kl_at_matched_reward(runs: Mapping[str, Run], key: str) -> dict[str, Any]:
-    """KL to the base model at the highest mean@k that every weight-training run reached: for
-    each such run, ``eval/kl_to_base`` at its first evaluation with mean@k >= that level."""
+    """KL to the base model at the highest mean@k that every weight-training run reached after
+    training began: for each such run, ``eval/kl_to_base`` at its first evaluation after step 0
+    with mean@k >= that level (step 0 holds the base weights, whose KL is 0 by definition)."""
     curves = {m: [(r["step"], float(r[key]), float(r["eval/kl_to_base"])) for r in run.eval
-                  if r.get(key) is not None and r.get("eval/kl_to_base") is not None]
+                  if r["step"] > 0 and r.get(key) is not None and r.get("eval/kl_to_base") is not None]
               for m, run in runs.items() if m in ("rl", "fst")}
     curves = {m: sorted(c) for m, c in curves.items() if c}
     if not curves:
@@ -337,9 +338,10 @@ def _markdown(summary: dict[str, Any]) -> str:
     kl = summary["kl_at_matched_reward"]
     lines += ["", "## KL to the base model at matched reward", ""]
     if kl["reward"] is None:
-        lines.append("No weight-training run logged eval/kl_to_base.")
+        lines.append("No weight-training run logged eval/kl_to_base after step 0.")
     else:
-        lines.append(f"Highest {key} that every weight-training run reached: {_num(kl['reward'])}.")
+        lines.append(f"Highest {key} that every weight-training run reached after step 0 (the base "
+                     f"weights): {_num(kl['reward'])}.")
         lines += ["", "| mode | step | KL(pi_theta \\|\\| pi_base) per token |", "|---|---|---|"]
         lines += [f"| {m} | {kl['step'][m]} | {_num(v, 6)} |" for m, v in kl["kl"].items()]
     lines += ["", "## 2x2: weights x context (greedy pass@1)", ""]
