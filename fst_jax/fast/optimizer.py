@@ -292,9 +292,14 @@ class GEPAOptimizer:
             if state_path is not None:
                 self.save(state_path)
         log.info("GEPA round stopped: %s; %s", reason, self.budget)
-        if self.budget.reflection_calls and self.budget.reflection_failures == self.budget.reflection_calls:
+        b, cap, step = self.budget, self.config.max_metric_calls, self.evaluator.policy_step
+        if b.reflection_calls and b.reflection_failures == b.reflection_calls:
             log.error("GEPA round at policy step %d: all %d reflections failed (see the warnings above): "
-                      "the population did not change", self.evaluator.policy_step, self.budget.reflection_calls)
+                      "the population did not change", step, b.reflection_calls)
+        if reason.startswith("proposals") and cap is not None and b.metric_calls < cap / 2:
+            log.warning("GEPA round at policy step %d stopped at max_proposals with %d of its %d metric "
+                        "calls spent (children rejected on the minibatch are never scored on the anchor): "
+                        "raise max_proposals to spend the budget", step, b.metric_calls, cap)
         return reason
 
     def top_k(self, k: int | None = None) -> list[Member]:

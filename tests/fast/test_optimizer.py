@@ -4,6 +4,7 @@ and save/resume to the identical continuation."""
 
 import hashlib
 import json
+import logging
 
 import pytest
 
@@ -67,6 +68,33 @@ def test_metric_call_budget_stops_the_round():
                             GEPAConfig(max_metric_calls=20, reflection=ReflectionConfig(backend="callable")),
                             reflection_fn=reflect)
     assert result.stop_reason.startswith("metric calls") and result.budget.metric_calls >= 20
+
+
+def test_a_round_whose_reflections_all_fail_logs_an_error(caplog):
+    def timed_out(prompt):
+        raise TimeoutError("reflection endpoint timed out")
+
+    with caplog.at_level(logging.INFO, logger="fst_jax.fast.optimizer"):
+        result = run_gepa_round(FakeGenerator(ANCHOR), "p", TASK, ANCHOR, [SEED], config(max_proposals=3),
+                                reflection_fn=timed_out)
+    assert result.budget.reflection_failures == result.budget.reflection_calls == 3
+    assert [m.components for m in result.members] == [SEED]
+    assert any(r.levelname == "ERROR" and "all 3 reflections failed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_round_stopped_by_max_proposals_with_most_of_its_budget_unspent_says_so(caplog):
+    with caplog.at_level(logging.WARNING, logger="fst_jax.fast.optimizer"):
+        spent = run_gepa_round(FakeGenerator(ANCHOR), "p", TASK, ANCHOR, [SEED],
+                               GEPAConfig(max_proposals=2, max_metric_calls=10_000, reflection=ReflectionConfig(backend="callable")), reflection_fn=reflect)
+    assert spent.stop_reason.startswith("proposals") and spent.budget.metric_calls < 5_000
+    [warning] = [r.getMessage() for r in caplog.records if "max_proposals" in r.getMessage()]
+    assert f"{spent.budget.metric_calls} of its 10000 metric calls" in warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fst_jax.fast.optimizer"):
+        run_gepa_round(FakeGenerator(ANCHOR), "p", TASK, ANCHOR, [SEED],
+                       GEPAConfig(max_proposals=2, max_metric_calls=spent.budget.metric_calls + 1,
+                                  reflection=ReflectionConfig(backend="callable")), reflection_fn=reflect)
+    assert not [r for r in caplog.records if "max_proposals" in r.getMessage()]
 
 
 def step_once(reply, seed=SEED, **kw):
