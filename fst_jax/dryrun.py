@@ -97,7 +97,7 @@ class DryRunSpec:
         require(self.num_devices >= 1, "num_devices must be >= 1")
         require(self.batch_rows >= 1 and self.seq_len >= 2, "batch_rows >= 1 and seq_len >= 2")
         inner = self.mesh.fsdp * self.mesh.tensor
-        data = self.num_devices // inner if self.mesh.data == -1 else self.mesh.data
+        data = self.mesh.data_size(self.num_devices)
         require(data * inner == self.num_devices,
                 f"mesh data={self.mesh.data} x fsdp={self.mesh.fsdp} x tensor={self.mesh.tensor} "
                 f"does not fill {self.num_devices} devices")

@@ -46,14 +46,17 @@ class MeshConfig:
         require(self.fsdp >= 1 and self.tensor >= 1, "mesh fsdp and tensor must be >= 1")
         require(self.data == -1 or self.data >= 1, "mesh data must be -1 or >= 1")
 
+    def data_size(self, num_devices: int) -> int:
+        """The data axis' size on ``num_devices`` devices (``-1``: those fsdp and tensor leave)."""
+        return num_devices // (self.fsdp * self.tensor) if self.data == -1 else self.data
+
 
 def make_mesh(config: MeshConfig = MeshConfig(), devices=None) -> Mesh:
     """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices)."""
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
-    inner = config.fsdp * config.tensor
-    data = n // inner if config.data == -1 else config.data
-    require(data * inner == n,
+    data = config.data_size(n)
+    require(data * config.fsdp * config.tensor == n,
             f"mesh data={data} x fsdp={config.fsdp} x tensor={config.tensor} != {n} devices")
     arr = np.array(devices).reshape(data, config.fsdp, config.tensor)
     return Mesh(arr, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)

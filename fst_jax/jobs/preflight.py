@@ -120,7 +120,7 @@ def generate_shapes(job) -> tuple[GenerateShape, ...]:
         main = ["best", "original"] if job.evolves_contexts else ["original"]
         labels = [c for _ in range(ev.num_examples) for c in main]
         labels += [t for t in ev.ood_tasks for _ in range(ev.num_examples)]
-        devices = job.mesh.data * job.mesh.fsdp if job.mesh.data > 0 else job.target.devices // job.mesh.tensor
+        devices = job.mesh.data_size(job.target.devices) * job.mesh.fsdp
         contexts, prompts = _largest_chunk(labels, chunk_size(len(labels), s.max_prompts_per_batch, devices))
         shapes.append(GenerateShape("eval", contexts, prompts, ev.k, context, prompt - context,
                                     ev.max_new_tokens or s.max_new_tokens))
