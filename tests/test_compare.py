@@ -92,6 +92,32 @@ def test_report_on_hand_made_runs_has_peak_steps_fits_ood_and_figures(tmp_path):
     assert json.loads((report / "summary.json").read_text()) == json.loads(json.dumps(summary))
 
 
+def test_report_sums_the_gepa_rounds_and_averages_parent_and_child_minibatch_scores(tmp_path):
+    steps = [0, 5, 10]
+    _write_run(tmp_path / "rl", "rl", steps, [0.1, 0.2, 0.3], [0.0, 0.01, 0.02])
+    _write_run(tmp_path / "fst", "fst", steps, [0.1, 0.2, 0.3], [0.0, 0.01, 0.02])
+    rounds = [
+        {"step": 0, "metric_calls": 40, "proposals": 3, "accepted": 1, "rejected": 1, "skipped": 1,
+         "skip_reasons": {"leak": 1}, "best_anchor_score": 0.25, "proposal_log": [
+             {"proposal": 0, "outcome": "accepted", "parent_scores": [0, 0, 1], "child_scores": [1, 1, 1]},
+             {"proposal": 1, "outcome": "rejected", "parent_scores": [1, 0, 0], "child_scores": [0, 0, 0]},
+             {"proposal": 2, "outcome": "skipped:leak", "parent_scores": [0, 0, 0]}]},
+        {"step": 5, "metric_calls": 12, "proposals": 2, "accepted": 0, "rejected": 0, "skipped": 2,
+         "skip_reasons": {"leak": 1, "malformed": 1}, "best_anchor_score": 0.5},  # logged before proposal_log
+    ]
+    (tmp_path / "fst" / "gepa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    job = load_config(TrainJob, SMOKE, [f"output_dir={tmp_path}", "eval.every=5", "eval.k=4"])
+    summary = write_report(job, two_by_two=False)
+    assert summary["fast_channel"]["rl"] is None
+    fast = summary["fast_channel"]["fst"]
+    assert (fast["rounds"], fast["proposals"], fast["accepted"], fast["rejected"], fast["skipped"]) == (2, 5, 1, 1, 3)
+    assert fast["skip_reasons"] == {"leak": 2, "malformed": 1} and fast["metric_calls_per_round"] == [40, 12]
+    assert fast["scored_children"] == 2
+    assert fast["minibatch_mean_parent"] == pytest.approx(1 / 3) and fast["minibatch_mean_child"] == pytest.approx(0.5)
+    md = (tmp_path / "report" / "summary.md").read_text()
+    assert "| fst | 2 | 5 | 1 | 1 | 3 (leak 2, malformed 1) | 40, 12 | 0.250, 0.500 | 0.333 / 0.500 |" in md
+
+
 def test_report_takes_the_2x2_from_the_fst_runs_final_evaluation_without_sampling(tmp_path, monkeypatch):
     import fst_jax.models.loading as loading
 

@@ -72,6 +72,17 @@ def test_fst_runs_a_gepa_round_every_T_steps_and_trains_the_weights(fst_run):
     assert {"reward.png", "kl_vs_reward.png", "contexts.png", "result.json"} <= {p.name for p in out.iterdir()}
 
 
+def test_each_gepa_round_logs_every_proposal_with_its_text_and_minibatch_scores(fst_run):
+    out, _, _ = fst_run
+    for round_ in read_jsonl(out / "gepa.jsonl"):
+        proposals = round_["proposal_log"]
+        assert [p["proposal"] for p in proposals] == list(range(round_["proposals"]))
+        scored = [p for p in proposals if p["outcome"] in ("accepted", "rejected")]
+        assert len(scored) == round_["accepted"] + round_["rejected"]
+        for p in scored:
+            assert p["text"].strip() and len(p["child_scores"]) == len(p["parent_scores"]) == len(p["batch"])
+
+
 def test_anchor_set_is_the_problems_of_the_next_T_batches(fst_run):
     _, spy, _ = fst_run
     for r, start in zip(spy.rounds, (0, 2)):

@@ -101,7 +101,9 @@ class GEPAOptimizer:
     Call ``start(seeds)`` once (or ``load_state_dict``), then ``step()`` or ``run()``. Every
     proposal is one entry of ``history`` (outcome "accepted", "rejected" or "skipped:<reason>",
     reason one of perfect, reflection_error, malformed, empty, unchanged, overlong, leak, duplicate;
-    a leak's record names the leaked example ids under "leaked").
+    a leak's record names the leaked example ids under "leaked"). A record holds the parent's
+    and the child's minibatch scores (``parent_scores``, ``child_scores``) and, once a reply
+    parsed, the proposed component text (``text``), so a round's rejected children can be read.
 
     A step makes P = ``config.parallel_proposals`` proposals together, in this order:
 
@@ -242,6 +244,7 @@ class GEPAOptimizer:
             if text is None:
                 d.outcome = f"skipped:{status}"
                 continue
+            d.record["text"] = text
             if self.leaks is not None:
                 already = set(self.leaks.leaked(current))
                 leaked = [i for i in self.leaks.leaked(text) if i not in already]

@@ -13,7 +13,8 @@ the run folders and writes ``<output_dir>/report/``:
   task's ``eval.num_examples`` test examples: trained = the fst run's ``hf/`` folder, evolved =
   its best kept context, base = the config's model;
 - the ScaleRL sigmoid fit (A, C_mid, B) of each mode's mean@k against step, the steps each mode
-  needs to reach rl's peak, the KL at matched reward, the OOD scores;
+  needs to reach rl's peak, the KL at matched reward, the OOD scores, and what the GEPA rounds
+  did (proposals, outcomes, budget spent, minibatch scores of parents and children);
 - ``summary.md`` (every number) and ``summary.json`` (the same, machine-readable).
 """
 
@@ -256,6 +257,27 @@ def _mode_numbers(run: Run, key: str) -> dict[str, Any]:
     }
 
 
+def fast_channel_numbers(run: Run) -> dict[str, Any] | None:
+    """What a mode's GEPA rounds did (None without rounds): totals of the rounds' ledgers
+    (``gepa.jsonl``), the metric calls each round spent, and over the proposals whose child was
+    scored on its minibatch (``proposal_log``), the mean minibatch score of parents and of
+    children: a child that scores no better than its parent is rejected."""
+    if not run.gepa:
+        return None
+    totals = {k: sum(r[k] for r in run.gepa) for k in ("proposals", "accepted", "rejected", "skipped")}
+    reasons: dict[str, int] = {}
+    for r in run.gepa:
+        for reason, n in r.get("skip_reasons", {}).items():
+            reasons[reason] = reasons.get(reason, 0) + n
+    scored = [p for r in run.gepa for p in r.get("proposal_log", []) if p.get("child_scores") is not None]
+    return {"rounds": len(run.gepa), **totals, "skip_reasons": reasons,
+            "metric_calls_per_round": [r["metric_calls"] for r in run.gepa],
+            "best_anchor_score_per_round": [r["best_anchor_score"] for r in run.gepa],
+            "scored_children": len(scored),
+            "minibatch_mean_parent": float(np.mean([np.mean(p["parent_scores"]) for p in scored])) if scored else None,
+            "minibatch_mean_child": float(np.mean([np.mean(p["child_scores"]) for p in scored])) if scored else None}
+
+
 def _plot_training_reward(runs: Mapping[str, Run], path: Path, window: int = 6) -> Path:
     from matplotlib.figure import Figure
 
@@ -363,6 +385,19 @@ def _markdown(summary: dict[str, Any]) -> str:
                  for m in modes_c}
         lines.append("| mean over stages | | " + " | ".join(
             _num(float(np.mean(v)), 3) if v else "-" for v in means.values()) + " |")
+    fast = {m: f for m, f in summary["fast_channel"].items() if f}
+    if fast:
+        lines += ["", "## Fast channel: GEPA rounds", "",
+                  "Minibatch means are over the proposals whose child was scored on its parent's minibatch.", "",
+                  "| mode | rounds | proposals | accepted | rejected | skipped (reasons) | metric calls per round "
+                  "| best anchor score per round | minibatch mean, parents / children |", "|---" * 9 + "|"]
+        for m, f in fast.items():
+            reasons = ", ".join(f"{k} {v}" for k, v in sorted(f["skip_reasons"].items()))
+            lines.append(f"| {m} | {f['rounds']} | {f['proposals']} | {f['accepted']} | {f['rejected']} | "
+                         f"{f['skipped']}{f' ({reasons})' if reasons else ''} | "
+                         f"{', '.join(map(str, f['metric_calls_per_round']))} | "
+                         f"{', '.join(_num(v, 3) for v in f['best_anchor_score_per_round'])} | "
+                         f"{_num(f['minibatch_mean_parent'], 3)} / {_num(f['minibatch_mean_child'], 3)} |")
     ood = {m: n["ood"] for m, n in summary["per_mode"].items() if n["ood"]}
     lines += ["", "## Out-of-distribution tasks (original prompt, last evaluation)", ""]
     if ood:
@@ -420,6 +455,7 @@ def write_report(job: TrainJob, modes: Sequence[str] = MODES, *, two_by_two: boo
         "per_mode": per_mode, "steps_to_rl_peak": peak,
         "kl_at_matched_reward": kl_at_matched_reward(runs, key), "two_by_two": tbt,
         "continual": continual,
+        "fast_channel": {m: fast_channel_numbers(run) for m, run in runs.items()},
         "contexts_kept": {m: run.contexts for m, run in runs.items() if m != "rl" and run.contexts},
         "figures": figures,
     }

@@ -11,7 +11,7 @@ One cycle, every ``fast.every`` (T) RL steps (spec, section 2)::
 
 All modes read the same problems in the same order with the same seeds. The run folder holds
 ``config.yaml``, ``steps.jsonl`` (one line per RL step), ``gepa.jsonl`` (one line per GEPA
-round), TensorBoard events, ``checkpoints/`` (train state + host state at one step), plots,
+round: budget, kept contexts, and every proposal with its text and minibatch scores), TensorBoard events, ``checkpoints/`` (train state + host state at one step), plots,
 ``contexts.json`` (the contexts kept) and ``result.json``; with ``export_hf`` also ``hf/``
 (the trained weights as a Hugging Face folder). Rerunning the same command resumes from the last
 intact checkpoint and follows the same trajectory; SIGTERM saves a checkpoint and stops.
@@ -386,7 +386,8 @@ def _round_record(result, cycle: int, seconds: float) -> dict[str, Any]:
             "population_size": len(pop.members), "anchor_size": len(pop.instance_ids),
             "seconds": seconds,
             "contexts": [{"context": m.components["context"], "anchor_score": agg[m.id],
-                          "origin": m.origin, "born_step": m.born_step} for m in result.members]}
+                          "origin": m.origin, "born_step": m.born_step} for m in result.members],
+            "proposal_log": result.optimizer.history}
 
 
 def _step_record(mode: str, ro, metrics: dict[str, float], seconds: dict[str, float],
