@@ -189,3 +189,22 @@ def test_run_distill_logs_each_step_and_writes_eval_before_after_and_teacher(run
     run_w = jax.tree.leaves(nnx.state(load_hf_folder(run_dir / "hf")[1]))
     new_w = jax.tree.leaves(nnx.state(load_hf_folder(result["hf_folder"])[1]))
     assert any(not np.array_equal(a, b) for a, b in zip(run_w, new_w))
+
+
+def test_run_distill_stopped_midway_resumes_to_the_uninterrupted_runs_weights_and_logs(run_dir, tmp_path):
+    whole = run_distill(distill_config(run_dir, tmp_path / "whole", "steps=3", "eval.every=2"))
+    out = tmp_path / "sliced"
+    cfg = distill_config(run_dir, out, "steps=3", "eval.every=2", "checkpoint.save_every_steps=0")
+    first = run_distill(cfg, max_steps_this_run=2)
+    assert first["steps_done"] == 2 and first["after"] is None and not (out / "result.json").exists()
+    assert [r["step"] for r in read_jsonl(out / "steps.jsonl")] == [0, 1]
+    resumed = run_distill(cfg)
+    assert resumed["steps_done"] == 3
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("seconds")} for r in rows]  # noqa: E731
+    for name in ("steps.jsonl", "eval.jsonl"):
+        assert strip(read_jsonl(out / name)) == strip(read_jsonl(tmp_path / "whole" / name))
+    for key in ("kl_first", "kl_last", "before", "after", "teacher", "completion_tokens"):
+        assert resumed[key] == whole[key]
+    a = jax.tree.leaves(nnx.state(load_hf_folder(whole["hf_folder"])[1]))
+    b = jax.tree.leaves(nnx.state(load_hf_folder(resumed["hf_folder"])[1]))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))

@@ -17,9 +17,12 @@ states (``completion_hidden``). Logits are formed in chunks of positions
 (``evaluation.chunked_exact_kl``), never ``[B, T, V]`` at once.
 
 ``run_distill`` writes ``<output_dir>/``: ``config.yaml``, ``steps.jsonl`` (per step: kl,
-completion tokens, seconds...), ``eval.jsonl``, ``result.json`` (kl first/last; pass@1 and
-mean@k of the run weights without context before, of the student without context after, of the
-teacher with its context) and, with ``export_hf``, ``hf/``.
+completion tokens, seconds...), ``eval.jsonl``, ``checkpoints/`` (student, optimizer state and
+the problem stream's position, every ``checkpoint.save_every_steps`` steps, on SIGTERM and at
+the end), ``result.json`` (kl first/last; pass@1 and mean@k of the run weights without context
+before, of the student without context after, of the teacher with its context) and, with
+``export_hf``, ``hf/``. Rerunning the same command resumes from the last checkpoint: the steps
+after it are redone with the same problems and sampling seeds.
 
     fst-distill --config experiments/fst_distill_cpu.yaml
 """
@@ -40,11 +43,12 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
+from fst_jax.checkpoint import CheckpointConfig, Checkpointer, abstract_target
 from fst_jax.config import ConfigError, load_config, require, save_config, to_dict
 from fst_jax.data import ProblemStream
 from fst_jax.evaluation import EvaluationConfig, EvaluationHook, chunked_exact_kl, samples_to_rows
-from fst_jax.jobs.train import TrainJob, _floats
-from fst_jax.metrics import LoggingConfig, make_writers
+from fst_jax.jobs.train import TrainJob, _floats, _StopSignal
+from fst_jax.metrics import LoggingConfig, make_writers, read_jsonl
 from fst_jax.rl.optimizer import OptimizerConfig, apply_if, learning_rate, make_optimizer
 from fst_jax.sampling import PromptBatch, Sampler, Samples
 from fst_jax.sharding import BATCH_AXES, batch_sharding, replicated, state_shardings
@@ -79,6 +83,7 @@ class DistillConfig:
     eval: EvaluationConfig = EvaluationConfig(num_examples=24, k=2)
     export_hf: bool = True
     logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig(save_every_steps=10)  # directory: under output_dir
 
     def __post_init__(self):
         require(bool(self.run_dir), "run_dir must name a finished fst run folder")
@@ -267,8 +272,11 @@ def _scores(record: dict[str, float], k: int, suffix: str = "", extra: bool = Tr
     return out
 
 
-def run_distill(cfg: DistillConfig) -> dict[str, Any]:
-    """Run the distillation; returns the summary also written to ``result.json``."""
+def run_distill(cfg: DistillConfig, *, max_steps_this_run: int | None = None) -> dict[str, Any]:
+    """Run (or resume) the distillation; returns the summary also written to ``result.json``.
+    ``max_steps_this_run`` stops with a checkpoint after that many steps of this invocation
+    (tests, time-sliced runs); the summary then has ``steps_done`` < ``steps`` and no
+    ``after``."""
     from tqdm import tqdm
 
     run = read_run(cfg.run_dir)
@@ -290,26 +298,39 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
     rows_multiple = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     stream = ProblemStream(task.examples("train", job.data.train_examples, seed=job.data.seed),
                            cfg.problems_per_step, job.data.shuffle_seed)
-    writers = make_writers(cfg.logging, out, 0, to_dict(cfg))
+    ckpt_dir = Path(cfg.checkpoint.directory)
+    ckpt = Checkpointer(dataclasses.replace(
+        cfg.checkpoint, directory=str(ckpt_dir if ckpt_dir.is_absolute() else out / ckpt_dir)))
+    host: dict[str, Any] = {"step": 0}
     hook = EvaluationHook(cfg.eval)
-    progress = tqdm(total=cfg.steps, desc="eval", unit="step",
+    restored = ckpt.restore(abstract_target(state))
+    if restored is not None:
+        state, host = restored.state, restored.host
+        stream.load_state(host["data"])
+        hook.load_state(host["eval"])
+        log.info("resumed at step %d", host["step"])
+    step = host["step"]
+    writers = make_writers(cfg.logging, out, step, to_dict(cfg))
+    progress = tqdm(total=cfg.steps, initial=step, desc="eval", unit="step",
                     disable=not (cfg.logging.progress and jax.process_index() == 0))
     k = cfg.eval.k
-    start, rows = time.perf_counter(), []
+    start, this_run, after = time.perf_counter(), 0, None
+    stop = _StopSignal()
     try:
-        # The run's weights with [evolved] also score the original prompt: the teacher's numbers
-        # and the student's before distillation (the same weights) in one evaluation.
-        t0 = time.perf_counter()
-        reference = EvaluationHook(dataclasses.replace(cfg.eval, kl=False)).run(
-            sampler, teacher, teacher, task, [evolved], original)
-        teacher_eval = _scores(reference, k, extra=False)
-        before = _scores(reference, k, "_original")
-        if cfg.eval.kl:
-            before["eval/kl_to_base"] = 0.0  # the student is still the run's weights
-        writers.write("eval", 0, {**before, "seconds": time.perf_counter() - t0,
-                                  **{f"teacher/{key}": v for key, v in teacher_eval.items()}})
+        if restored is None:
+            # The run's weights with [evolved] also score the original prompt: the teacher's
+            # numbers and the student's before distillation (the same weights) in one evaluation.
+            t0 = time.perf_counter()
+            reference = EvaluationHook(dataclasses.replace(cfg.eval, kl=False)).run(
+                sampler, teacher, teacher, task, [evolved], original)
+            host["teacher"] = _scores(reference, k, extra=False)
+            host["before"] = _scores(reference, k, "_original")
+            if cfg.eval.kl:
+                host["before"]["eval/kl_to_base"] = 0.0  # the student is still the run's weights
+            writers.write("eval", 0, {**host["before"], "seconds": time.perf_counter() - t0,
+                                      **{f"teacher/{key}": v for key, v in host["teacher"].items()}})
         progress.set_description("distill")
-        for step in range(cfg.steps):
+        while step < cfg.steps:
             if step > 0 and hook.due(step):
                 t0 = time.perf_counter()
                 record = hook.run(sampler, state.params, teacher, task, [original], original)
@@ -334,25 +355,40 @@ def run_distill(cfg: DistillConfig) -> dict[str, Any]:
                       "truncated_fraction": float(1.0 - samples.finished.mean()),
                       "seconds_sample": t1 - t0, "seconds_update": t2 - t1,
                       "seconds_total": t2 - t0}
-            rows.append(record)
             writers.write("steps", step, record)
+            step += 1
+            this_run += 1
             progress.update(1)
             progress.set_postfix(kl=f"{metrics['kl']:.4f}")
-        progress.set_description("eval")
-        t0 = time.perf_counter()
-        after = _scores(hook.run(sampler, state.params, teacher, task, [original], original), k)
-        writers.write("eval", cfg.steps, {**after, "seconds": time.perf_counter() - t0})
+            host = {**host, "step": step, "data": stream.state(), "eval": hook.state()}
+            last = step == cfg.steps or stop.requested or this_run == max_steps_this_run
+            if last or ckpt.should_save(step):
+                ckpt.save(step, state, host)
+            if last:
+                break
+        if step == cfg.steps:
+            progress.set_description("eval")
+            t0 = time.perf_counter()
+            after = _scores(hook.run(sampler, state.params, teacher, task, [original], original), k)
+            writers.write("eval", cfg.steps, {**after, "seconds": time.perf_counter() - t0})
     finally:
+        stop.restore()
         progress.close()
+        ckpt.close()
         writers.close()
+    rows = read_jsonl(out / "steps.jsonl") if jax.process_index() == 0 else []
     summary = {
         "run_dir": str(run.folder), "run_mode": job.mode, "task": stage.task, "steps": cfg.steps,
-        "kl_first": rows[0]["kl"], "kl_last": rows[-1]["kl"],
+        "steps_done": step, "kl_first": rows[0]["kl"] if rows else None,
+        "kl_last": rows[-1]["kl"] if rows else None,
         "completion_tokens": sum(r["completion_tokens"] for r in rows),
-        "before": before, "after": after, "teacher": teacher_eval,
+        "before": host["before"], "after": after, "teacher": host["teacher"],
         "contexts": {"student": original, "teacher": evolved},
         "wall_s": round(time.perf_counter() - start, 1),
     }
+    if step < cfg.steps:
+        log.info("stopped at step %d of %d with a checkpoint; rerun to continue", step, cfg.steps)
+        return summary
     if jax.process_index() == 0:
         if cfg.export_hf:
             from fst_jax.models.weights import save_hf_folder
