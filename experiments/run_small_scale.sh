@@ -4,7 +4,7 @@
 # Every part resumes: measured base rates are skipped and each comparison continues from its
 # checkpoints, so start it in the background early in every working session:
 #   nohup experiments/run_small_scale.sh > runs/small_scale.log 2>&1 &
-# Arguments: the comparison configs to run, in order (default: math_cpu, then math_rg_cpu).
+# Arguments: the comparison configs to run, in order (default: math_cpu, math_products_cpu, math_rg_cpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p runs
@@ -18,8 +18,12 @@ nice -n 5 python benchmarks/base_rates.py --skip-measured --max-new-tokens 128 -
 # the second small-scale task (experiments/math_rg_cpu.yaml).
 nice -n 5 python benchmarks/base_rates.py --skip-measured --max-new-tokens 128 --tasks rg:basic_arithmetic \
   --task-options '{"max_terms": 3, "max_digits": 2, "operators": ["+", "-"], "allow_parentheses": false, "allow_negation": false}'
+# products at one digit per factor: the second task with headroom (experiments/math_products_cpu.yaml);
+# each split has only 50 distinct problems, hence --n 48.
+nice -n 5 python benchmarks/base_rates.py --skip-measured --n 48 --max-new-tokens 128 --tasks rg:products \
+  --task-options '{"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}'
 configs=("$@")
-[ ${#configs[@]} -gt 0 ] || configs=(experiments/math_cpu.yaml experiments/math_rg_cpu.yaml)
+[ ${#configs[@]} -gt 0 ] || configs=(experiments/math_cpu.yaml experiments/math_products_cpu.yaml experiments/math_rg_cpu.yaml)
 for config in "${configs[@]}"; do
   fst-compare --config "$config"
 done
