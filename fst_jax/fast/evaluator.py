@@ -19,7 +19,7 @@ from fst_jax.config import require
 from fst_jax.fast.candidates import Candidate
 from fst_jax.fast.reflection import reflective_record
 from fst_jax.tasks.base import Example, Task
-from fst_jax.tasks.rewards import RewardConfig, RewardPool
+from fst_jax.tasks.rewards import RewardConfig, RewardPool, Scorer
 
 
 class TextGenerator(Protocol):
@@ -113,11 +113,12 @@ class SamplerEvaluator:
     ``params`` and ``policy_step`` are the current weights and their step; ``set_policy`` moves
     them and drops cache entries of other steps. ``count_tokens``/``max_context_tokens`` are
     taken from ``generator.tokenizer`` when it offers them. ``scorer`` scores completions (a
-    ``RewardPool`` of the same task; the caller owns and closes it); None scores serially here.
+    ``Scorer`` of the same task, such as a ``RewardPool``; the caller owns and closes it); None
+    scores serially here.
     """
 
     def __init__(self, generator: TextGenerator, task: Task, config: EvalConfig = EvalConfig(),
-                 params: Any = None, policy_step: int = 0, scorer: RewardPool | None = None):
+                 params: Any = None, policy_step: int = 0, scorer: Scorer | None = None):
         if scorer is not None and getattr(scorer.task, "name", None) != getattr(task, "name", None):
             raise ValueError(f"scorer is for task {getattr(scorer.task, 'name', None)!r}, "
                              f"not {getattr(task, 'name', None)!r}")

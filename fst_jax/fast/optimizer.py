@@ -29,6 +29,7 @@ from fst_jax.fast.reflection import (ReflectionConfig, ReflectionError, Reflecti
 from fst_jax.fast.strategies import (ACCEPTANCE, SELECTORS, EpochShuffledSampler, Progress, StopLimits,
                                      stop_reason, top_k)
 from fst_jax.tasks.base import Example, Task, by_id
+from fst_jax.tasks.rewards import Scorer
 
 log = logging.getLogger(__name__)
 
@@ -369,7 +370,7 @@ def run_gepa_round(generator: TextGenerator, params: Any, task: Task, anchor: Se
                    seeds: Sequence[Candidate | Member], config: GEPAConfig = GEPAConfig(), *,
                    policy_step: int = 0, reflection_lm: ReflectionLM | None = None,
                    reflection_fn: Callable[[str], str] | None = None,
-                   state_path: str | Path | None = None, scorer: RewardPool | None = None) -> RoundResult:
+                   state_path: str | Path | None = None, scorer: Scorer | None = None) -> RoundResult:
     """One GEPA round against frozen ``params`` at ``policy_step``.
 
     ``seeds`` are plain candidates or Members carried from the previous round (re-scored here).

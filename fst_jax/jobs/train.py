@@ -24,7 +24,6 @@ import json
 import logging
 import signal
 import time
-import types
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -53,7 +52,7 @@ from fst_jax.rollout import rollout, sampling_weights
 from fst_jax.sampling import Sampler, SamplingConfig
 from fst_jax.sharding import MeshConfig, make_mesh
 from fst_jax.tasks import make_task
-from fst_jax.tasks.rewards import RewardConfig, RewardPool
+from fst_jax.tasks.rewards import FunctionScorer, RewardConfig, RewardPool
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +177,7 @@ class _StopSignal:
 
 class _Stage:
     """A schedule stage at run time: its task, problem stream, reward pool and step range.
-    ``scorer`` (``.task``, ``.score``) scores through the pool, each process its own share of
+    ``scorer`` scores through the pool, each process its own share of
     the rows (``distributed.scored_by_slices``), for the rollouts and the GEPA rounds alike."""
 
     def __init__(self, cfg: StageConfig, start: int, job: TrainJob):
@@ -188,7 +187,7 @@ class _Stage:
         self.stream = ProblemStream(distributed.same_examples(made, f"{cfg.task} train"),
                                     job.problems_per_step, job.data.shuffle_seed)
         self.pool = RewardPool(self.task, job.rewards)
-        self.scorer = types.SimpleNamespace(task=self.task, score=distributed.scored_by_slices(self.pool.score))
+        self.scorer = FunctionScorer(self.task, distributed.scored_by_slices(self.pool.score))
 
 
 def _build_stages(job: TrainJob) -> list[_Stage]:

@@ -19,12 +19,30 @@ import logging
 import multiprocessing
 import pickle
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Literal, Sequence
+from typing import Callable, Literal, Protocol, Sequence
 
 from fst_jax.config import require
 from fst_jax.tasks.base import Example, Task, safe_reward
 
 log = logging.getLogger(__name__)
+
+
+class Scorer(Protocol):
+    """Scores completions of ``task`` in batches, ``(score, feedback)`` per pair in order, with
+    ``safe_reward``'s contract (``RewardPool`` is one)."""
+
+    task: Task
+
+    def score(self, examples: Sequence[Example], completions: Sequence[str]) -> list[tuple[float, str]]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class FunctionScorer:
+    """A ``Scorer`` from a task and a scoring function with ``RewardPool.score``'s signature (the
+    training loop's: a pool's ``score`` with each process scoring its share of the rows)."""
+
+    task: Task
+    score: Callable[[Sequence[Example], Sequence[str]], list[tuple[float, str]]]
 
 
 @dataclasses.dataclass(frozen=True)
