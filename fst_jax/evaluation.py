@@ -203,7 +203,10 @@ def format_2x2(table: Mapping[str, float]) -> str:
 @dataclasses.dataclass(frozen=True)
 class SigmoidFit:
     """``R(C) = R0 + (A - R0) / (1 + (C_mid / C) ** B)``: asymptote ``A``, half-way step
-    ``C_mid``, steepness ``B``; ``rmse`` of the fit over the ``points`` it used."""
+    ``C_mid``, steepness ``B``; ``rmse`` of the fit over the ``points`` it used. ``at_bounds``
+    names the parameters that ended on a bound of the search: the data do not determine them
+    (``B`` at its top: the curve is a step between two evaluations; ``C_mid`` at its top, or ``A``
+    at ``a_max``: the asymptote is an extrapolation far past the last step)."""
 
     A: float
     C_mid: float
@@ -211,6 +214,7 @@ class SigmoidFit:
     R0: float
     rmse: float
     points: int
+    at_bounds: tuple[str, ...] = ()
 
     def predict(self, steps: Any) -> np.ndarray:
         return sigmoid_curve(steps, self.A, self.C_mid, self.B, self.R0)
@@ -266,8 +270,11 @@ def fit_sigmoid(steps: Sequence[float], values: Sequence[float], r0: float | Non
     if np.sum(resid(best) ** 2) > np.sum(resid(x0) ** 2):
         best = x0
     rmse = float(np.sqrt(np.mean(resid(best) ** 2)))
+    span = np.subtract(hi, lo)
+    at_bounds = tuple(name for name, x, l, h, w in zip(("A", "C_mid", "B"), best, lo, hi, span)
+                      if min(x - l, h - x) <= 1e-3 * w)
     return SigmoidFit(float(best[0]), float(np.exp(best[1])), float(np.exp(best[2])), R0, rmse,
-                      len(C))
+                      len(C), at_bounds)
 
 
 # -- the loop hook ------------------------------------------------------------------------

@@ -128,12 +128,20 @@ def test_sigmoid_fit_recovers_known_parameters(A, C_mid, B, R0):
     fit = fit_sigmoid(steps, clean)
     assert fit.R0 == pytest.approx(R0)
     assert (fit.A, fit.C_mid, fit.B) == pytest.approx((A, C_mid, B), rel=1e-3)
+    assert fit.at_bounds == ()
     noisy = clean + np.random.default_rng(0).normal(0, 0.01, steps.shape)
     fit = fit_sigmoid(steps, noisy, r0=R0)
     assert fit.A == pytest.approx(A, abs=0.02)
     assert fit.C_mid == pytest.approx(C_mid, rel=0.15)
     assert fit.B == pytest.approx(B, rel=0.25)
     assert fit.rmse == pytest.approx(0.01, rel=0.3)
+
+
+def test_sigmoid_fit_names_the_parameters_the_data_leave_on_a_bound():
+    step = fit_sigmoid([0, 4, 8, 12], [0.2, 0.2, 0.5, 0.5])  # a jump between two evaluations
+    assert "B" in step.at_bounds and step.A == pytest.approx(0.5, abs=1e-3)
+    rising = fit_sigmoid([0, 4, 8, 12], [0.1, 0.2, 0.3, 0.4])  # no bend yet: asymptote unknown
+    assert {"A", "C_mid"} & set(rising.at_bounds)
 
 
 def test_sigmoid_fit_rejects_too_few_or_bad_points():

@@ -340,15 +340,18 @@ def _markdown(summary: dict[str, Any]) -> str:
                      f"{_num(n['max_pass@1'])} | {_num(n['final_kl_to_base'], 6)} | "
                      f"{_num(n['train_reward_last_steps'])} |")
     lines += ["", f"## Sigmoid fits of {key} against step", "",
-              "R - R0 = (A - R0) / (1 + (C_mid / C)^B), least squares (`fst_jax.evaluation.fit_sigmoid`).", "",
-              "| mode | A | C_mid | B | R0 | rmse | points |", "|---|---|---|---|---|---|---|"]
+              "R - R0 = (A - R0) / (1 + (C_mid / C)^B), least squares (`fst_jax.evaluation.fit_sigmoid`). "
+              "A parameter on a bound of the search is not determined by the data: B at its top means a "
+              "step between two evaluations, C_mid at its top or A at 1 an extrapolation.", "",
+              "| mode | A | C_mid | B | R0 | rmse | points | on a bound |", "|---|---|---|---|---|---|---|---|"]
     for m, n in summary["per_mode"].items():
         f = n["sigmoid"]
         if "A" in f:
             lines.append(f"| {m} | {_num(f['A'])} | {_num(f['C_mid'], 1)} | {_num(f['B'], 3)} | "
-                         f"{_num(f['R0'])} | {_num(f['rmse'])} | {f['points']} |")
+                         f"{_num(f['R0'])} | {_num(f['rmse'])} | {f['points']} | "
+                         f"{', '.join(f['at_bounds']) or 'none'} |")
         else:
-            lines.append(f"| {m} | no fit: {f['error']} | | | | | |")
+            lines.append(f"| {m} | no fit: {f['error']} | | | | | | |")
     peak = summary["steps_to_rl_peak"]
     lines += ["", "## Steps to reach rl's peak " + key, ""]
     if peak is None:
