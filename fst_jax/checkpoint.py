@@ -35,6 +35,7 @@ import logging
 import os
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -76,6 +77,12 @@ class CheckpointConfig:
         require(self.keep_every >= 0, "checkpoint keep_every must be >= 0 (0: off)")
         require(self.save_every_steps >= 0, "checkpoint save_every_steps must be >= 0 (0: off)")
         require(self.save_every_minutes >= 0, "checkpoint save_every_minutes must be >= 0 (0: off)")
+
+    def under(self, output_dir: str | Path) -> "CheckpointConfig":
+        """This config with a relative ``directory`` placed inside ``output_dir``."""
+        directory = Path(self.directory)
+        return dataclasses.replace(self, directory=str(directory if directory.is_absolute()
+                                                        else Path(output_dir) / directory))
 
 
 class Restored(NamedTuple):

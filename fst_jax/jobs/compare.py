@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -265,12 +266,9 @@ def fast_channel_numbers(run: Run) -> dict[str, Any] | None:
     if not run.gepa:
         return None
     totals = {k: sum(r[k] for r in run.gepa) for k in ("proposals", "accepted", "rejected", "skipped")}
-    reasons: dict[str, int] = {}
-    for r in run.gepa:
-        for reason, n in r.get("skip_reasons", {}).items():
-            reasons[reason] = reasons.get(reason, 0) + n
+    reasons = sum((Counter(r.get("skip_reasons", {})) for r in run.gepa), Counter())
     scored = [p for r in run.gepa for p in r.get("proposal_log", []) if p.get("child_scores") is not None]
-    return {"rounds": len(run.gepa), **totals, "skip_reasons": reasons,
+    return {"rounds": len(run.gepa), **totals, "skip_reasons": dict(reasons),
             "metric_calls_per_round": [r["metric_calls"] for r in run.gepa],
             "best_anchor_score_per_round": [r["best_anchor_score"] for r in run.gepa],
             "scored_children": len(scored),

@@ -298,9 +298,7 @@ def run_distill(cfg: DistillConfig, *, max_steps_this_run: int | None = None) ->
     rows_multiple = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     stream = ProblemStream(task.examples("train", job.data.train_examples, seed=job.data.seed),
                            cfg.problems_per_step, job.data.shuffle_seed)
-    ckpt_dir = Path(cfg.checkpoint.directory)
-    ckpt = Checkpointer(dataclasses.replace(
-        cfg.checkpoint, directory=str(ckpt_dir if ckpt_dir.is_absolute() else out / ckpt_dir)))
+    ckpt = Checkpointer(cfg.checkpoint.under(out))
     host: dict[str, Any] = {"step": 0}
     hook = EvaluationHook(cfg.eval)
     restored = ckpt.restore(abstract_target(state))

@@ -11,7 +11,8 @@ One cycle, every ``fast.every`` (T) RL steps (spec, section 2)::
 
 All modes read the same problems in the same order with the same seeds. The run folder holds
 ``config.yaml``, ``steps.jsonl`` (one line per RL step), ``gepa.jsonl`` (one line per GEPA
-round: budget, kept contexts, and every proposal with its text and minibatch scores), TensorBoard events, ``checkpoints/`` (train state + host state at one step), plots,
+round: budget, kept contexts, and every proposal with its text and minibatch scores),
+TensorBoard events, ``checkpoints/`` (train state + host state at one step), plots,
 ``contexts.json`` (the contexts kept) and ``result.json``; with ``export_hf`` also ``hf/``
 (the trained weights as a Hugging Face folder). Rerunning the same command resumes from the last
 intact checkpoint and follows the same trajectory; SIGTERM saves a checkpoint and stops.
@@ -267,9 +268,7 @@ def run_train_job(job: TrainJob, *, reflection_fn: Callable[[str], str] | None =
         train_step = make_train_step(graphdef, state, cfg, mesh)
     else:
         graphdef, state = sampler.graphdef, {"steps": jnp.zeros((), jnp.int32)}
-    ckpt_dir = Path(job.checkpoint.directory)
-    ckpt = Checkpointer(dataclasses.replace(
-        job.checkpoint, directory=str(ckpt_dir if ckpt_dir.is_absolute() else out / ckpt_dir)))
+    ckpt = Checkpointer(job.checkpoint.under(out))
     host: dict[str, Any] = {"step": 0, "data": [st.stream.state() for st in stages],
                             "population": [], "mode": job.mode, "eval": hook.state()}
     restored = ckpt.restore(abstract_target(state))
