@@ -1,6 +1,9 @@
 """``arithmetic``: templated one-step word problems (add, subtract, multiply) from a seed.
 
-No downloads: problems are generated from ``random.Random(f"{split}:{seed}")``. The reward reads
+No downloads: problems are drawn independently (so a large pool repeats some; 8200 distinct
+problems in all) from ``random.Random(f"{split}:{seed}")``, keeping those of ``split``: a problem
+is in the test split when the SHA-256 of its text falls below ``test_fraction``
+(``in_test_split``), so train and test never share a problem, whatever the seeds. The reward reads
 the final number of a completion, preferring an explicit marker: ``#### 42``, then
 ``answer is 42``, then the last number in the text. Any of the three counts as an answer (score 1
 when it equals the reference); the feedback names the correct answer with its expression and what
@@ -12,7 +15,8 @@ from __future__ import annotations
 import random
 import re
 
-from fst_jax.tasks.base import DEFAULT_SEED_CONTEXT, Example, register_task
+from fst_jax.config import require
+from fst_jax.tasks.base import DEFAULT_SEED_CONTEXT, Example, in_test_split, register_task
 
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?"
 _MARKED = (
@@ -66,25 +70,33 @@ class ArithmeticTask:
 
     name = "arithmetic"
 
-    def __init__(self, seed_context: str = DEFAULT_SEED_CONTEXT, original_prompt: str = ORIGINAL_PROMPT):
+    def __init__(self, test_fraction: float = 0.5, seed_context: str = DEFAULT_SEED_CONTEXT,
+                 original_prompt: str = ORIGINAL_PROMPT):
+        require(0.0 < test_fraction < 1.0, "test_fraction must be in (0, 1)")
+        self.test_fraction = float(test_fraction)
         self.seed_context, self.original_prompt = str(seed_context), str(original_prompt)
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
-        """``n`` problems of ``split``; ids are ``arith-{split}-{seed}-{i}``."""
+        """``n`` problems of ``split`` ("train" or "test"); ids are ``arith-{split}-{seed}-{i}``.
+        ValueError when ``200 * n + 1000`` draws do not find ``n`` problems of the split."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         rng = random.Random(f"{split}:{seed}")
-        out = []
-        for i in range(n):
+        out: list[Example] = []
+        for _ in range(200 * n + 1000):
+            if len(out) == n:
+                break
             op, template = TEMPLATES[rng.randrange(len(TEMPLATES))]
             a, b = _operands(op, rng)
+            prompt = template.format(a=a, b=b)
+            if in_test_split(prompt, self.test_fraction) != (split == "test"):
+                continue
             value = {"+": a + b, "-": a - b, "*": a * b}[op]
-            out.append(
-                Example(
-                    id=f"arith-{split}-{seed}-{i}",
-                    prompt=template.format(a=a, b=b),
-                    answer=str(value),
-                    metadata={"a": a, "b": b, "op": op, "expression": f"{a} {op} {b}"},
-                )
-            )
+            out.append(Example(id=f"arith-{split}-{seed}-{len(out)}", prompt=prompt, answer=str(value),
+                               metadata={"a": a, "b": b, "op": op, "expression": f"{a} {op} {b}"}))
+        if len(out) < n:
+            raise ValueError(f"arithmetic found only {len(out)} {split} problems of {n} asked "
+                             f"(test_fraction {self.test_fraction})")
         return out
 
     def reward(self, example: Example, completion: str) -> tuple[float, str]:

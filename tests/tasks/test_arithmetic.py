@@ -24,6 +24,22 @@ def test_examples_are_seeded_unique_and_correct():
         assert str(x) in e.prompt and str(y) in e.prompt
 
 
+@pytest.mark.parametrize("train_n, test_n", [(256, 64), (1024, 64), (9600, 256)])  # quickstart, defaults, pod
+def test_test_prompts_never_occur_in_train_at_the_configured_pool_sizes(train_n, test_n):
+    task = make_task("arithmetic")
+    train = task.examples("train", train_n, seed=0)
+    test = task.examples("test", test_n, seed=0)
+    assert (len(train), len(test)) == (train_n, test_n)
+    train_prompts = {e.prompt for e in train}
+    overlap = sum(e.prompt in train_prompts for e in test) / test_n
+    assert overlap == 0.0
+
+
+def test_split_that_cannot_provide_examples_raises():
+    with pytest.raises(ValueError, match="test"):
+        make_task("arithmetic", test_fraction=1e-12).examples("test", 1)
+
+
 @pytest.mark.parametrize("text, value, marked", [
     ("so #### 42", 42.0, True),
     ("The answer is 42.", 42.0, True),
