@@ -95,13 +95,16 @@ libc.syscall.restype = ctypes.c_long
 CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
 if libc.unshare(CLONE_NEWNET) == 0 or libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
     isolation.append("netns")
+source = open(cfg["code_path"]).read()  # before Landlock: the code file lies outside the run directory
 abi = libc.syscall(444, None, 0, 1)  # landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION)
 if abi >= 1:
-    fs = (1 << 1) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12)
+    READ_FILE, WRITE_FILE = 1 << 2, 1 << 1
+    read = (1 << 0) | READ_FILE | (1 << 3)  # EXECUTE | READ_FILE | READ_DIR
+    fs = read | WRITE_FILE | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12)
     if abi >= 2:
         fs |= 1 << 13  # REFER
-    if abi >= 3:
-        fs |= 1 << 14  # TRUNCATE
+    truncate = 1 << 14 if abi >= 3 else 0
+    fs |= truncate
     net = 3 if abi >= 4 else 0  # BIND_TCP | CONNECT_TCP, no rule: all denied
     scoped = 3 if abi >= 6 else 0  # abstract unix sockets and signals outside the sandbox
     size = 24 if abi >= 6 else (16 if abi >= 4 else 8)
@@ -111,16 +114,26 @@ if abi >= 1:
         _pack_ = 1
         _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
     def allow(path, access):
-        fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except FileNotFoundError:  # a library directory this system lacks: nothing to allow
+            return True
+        if not os.path.isdir(path):  # a file (e.g. a zipped stdlib) takes only file rights
+            access &= (1 << 0) | READ_FILE | WRITE_FILE | truncate
         rule = PathBeneath(access, fd)
         ok = libc.syscall(445, rfd, 1, ctypes.byref(rule), 0) == 0
         os.close(fd)
         return ok
-    if rfd >= 0 and allow(work, fs) and allow("/dev/null", (1 << 1) | (1 << 14 if abi >= 3 else 0)):
+    # Readable: the interpreter's import path (stdlib, lib-dynload, site-packages unless -S), the
+    # system library directories and the loader's cache (shared libraries of extension modules).
+    libraries = [p for p in sys.path if os.path.isabs(p)] + ["/lib", "/lib64", "/usr/lib", "/usr/lib64"]
+    rules = [(work, fs), ("/dev/null", READ_FILE | WRITE_FILE | truncate), ("/dev/urandom", READ_FILE),
+             ("/etc/ld.so.cache", READ_FILE)] + [(p, read) for p in libraries]
+    if rfd >= 0 and all(allow(p, a) for p, a in rules):
         if libc.prctl(38, 1, 0, 0, 0) == 0 and libc.syscall(446, rfd, 0) == 0:  # NO_NEW_PRIVS; restrict_self
-            isolation.append("landlock-fs")
-            if net:
-                isolation.append("landlock-net")
+            isolation += ["landlock-fs", "landlock-read: abi %d" % abi] + (["landlock-net"] if net else [])
+if "landlock-fs" not in isolation:
+    isolation.append("landlock unavailable: reads unrestricted")
 del libc, ctypes
 for m in ("ctypes", "ctypes._endian", "_ctypes"):
     sys.modules.pop(m, None)
@@ -160,7 +173,6 @@ def hook(event, args):
                 raise PermissionError("%s outside the sandbox directory is blocked: %r" % (event, p))
 sys.addaudithook(hook)
 isolation.append("audit-hook")
-source = open(cfg["code_path"]).read()
 sys.stdin = open(os.devnull)
 sys.argv = ["main.py"]
 glb = {"__name__": "__main__", "__builtins__": __builtins__}

@@ -1,7 +1,10 @@
 """The Python sandbox: limits, isolation, and a parent that survives whatever the code does."""
 
+import ast
 import os
 import socket
+
+import pytest
 
 from fst_jax.tasks.sandbox import run_python
 
@@ -78,3 +81,46 @@ def test_parent_survives_and_leaves_no_temp_directory():
     after = set(os.listdir(os.environ.get("TMPDIR", "/tmp")))
     assert not {d for d in after - before if d.startswith("fst_sandbox_")}
     assert run_python("y = 1", capture="y").value_repr == "1"
+
+
+def _landlock_abi() -> int:
+    """The kernel's Landlock ABI version (<= 0: unavailable), as the sandbox's child queries it."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return libc.syscall(444, None, 0, 1)  # landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION)
+
+
+def test_reads_outside_the_interpreter_and_run_directory_are_denied(tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("host secret")
+    secret.chmod(0o644)
+    code = ("import json, math, collections, re, itertools, decimal, hashlib, zlib, random\n"
+            "open('mine.txt', 'w').write('run dir')\n"
+            "mine = open('mine.txt').read()\n"
+            "denied = []\n"
+            "for path in (%r, '/etc/passwd', %r, '/'):\n"
+            "    try:\n"
+            "        open(path).read() if os.path.isfile(path) else os.listdir(path)\n"
+            "    except PermissionError:\n"
+            "        denied.append(path)\n") % (str(secret), str(tmp_path))
+    r = run_python("import os\n" + code, capture="denied")
+    abi = _landlock_abi()
+    if abi < 1:
+        assert r.ok and "landlock unavailable: reads unrestricted" in r.isolation, r
+        pytest.skip(f"kernel {os.uname().release} has no Landlock: the sandbox cannot restrict reads")
+    assert r.ok, r.describe()
+    assert ast.literal_eval(r.value_repr) == [str(secret), "/etc/passwd", str(tmp_path), "/"]
+    assert f"landlock-read: abi {abi}" in r.isolation
+    printed = run_python(f"print(open({str(secret)!r}).read())")
+    assert printed.error_type == "PermissionError" and "host secret" not in printed.stdout
+
+
+def test_run_directory_files_and_stdlib_stay_readable():
+    code = ("import json, math, collections, re, itertools, os\n"
+            "open('data.json', 'w').write(json.dumps({'k': [1, 2]}))\n"
+            "v = (json.load(open('data.json')), sorted(os.listdir('.')), math.comb(5, 2),\n"
+            "     collections.Counter('aab')['a'], re.findall('[0-9]', 'a1b2'), list(itertools.islice(itertools.count(), 3)))\n")
+    r = run_python(code, capture="v")
+    assert r.ok, r.describe()
+    assert r.value_repr == "({'k': [1, 2]}, ['data.json'], 10, 2, ['1', '2'], [0, 1, 2])"
