@@ -7,7 +7,12 @@ The code runs in a fresh ``python -I -B [-S]`` child with:
 - no network: a new network namespace (``unshare(CLONE_NEWNET)``, as root or in a new user
   namespace) and, on kernels with Landlock ABI >= 4, TCP bind/connect denied by the kernel;
 - a fresh temporary working directory (removed afterwards) as the only writable place: Landlock
-  denies every file-system write outside it (and outside /dev/null);
+  denies every file-system write outside it (and outside /dev/null), and every read outside it,
+  the interpreter's import path (stdlib, lib-dynload; site-packages only when allowed), the system
+  library directories (/lib, /usr/lib, ...), /etc/ld.so.cache, /dev/null and /dev/urandom. The
+  code's output may become feedback sent elsewhere: it must not carry host files. Metadata
+  (``os.stat``, ``os.path.exists``) is not covered by Landlock. Without Landlock, reads are
+  unrestricted and ``isolation`` says so;
 - an audit hook (PEP 578) that refuses sockets, writes outside the directory, subprocesses,
   ``fork``/``exec``, signals to other processes and ``ctypes``, with a clear PermissionError.
   It gives the readable error and is the fallback where the kernel layers are unavailable; the
@@ -37,7 +42,8 @@ class SandboxResult:
     | timeout (CPU or wall limit) | memory (MemoryError under the memory limit) | crashed (killed by
     a signal or no result). ``error_line`` is the 1-based line in the submitted code of the
     innermost frame there; ``value_repr`` is ``repr`` of the ``capture`` global after the run.
-    ``isolation`` names the layers applied: netns, landlock-fs, landlock-net, audit-hook."""
+    ``isolation`` names the layers applied: netns, landlock-fs (writes), "landlock-read: abi N",
+    landlock-net, audit-hook; or "landlock unavailable: reads unrestricted"."""
 
     status: Status
     stdout: str

@@ -1,8 +1,11 @@
 """The Python sandbox: limits, isolation, and a parent that survives whatever the code does."""
 
 import ast
+import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -124,3 +127,28 @@ def test_run_directory_files_and_stdlib_stay_readable():
     r = run_python(code, capture="v")
     assert r.ok, r.describe()
     assert r.value_repr == "({'k': [1, 2]}, ['data.json'], 10, 2, ['1', '2'], [0, 1, 2])"
+
+
+def test_isolation_says_reads_are_unrestricted_when_landlock_cannot_be_applied(tmp_path):
+    """A parent already under Landlock's maximum of 16 layers: the child cannot add its own."""
+    if _landlock_abi() < 1:
+        pytest.skip(f"kernel {os.uname().release} has no Landlock (the no-Landlock case is checked above)")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("host secret")
+    script = f"""
+import ctypes, json
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+attr = (ctypes.c_uint64 * 1)(1 << 10)  # handles only MAKE_FIFO: harmless to everything else
+for _ in range(16):
+    assert libc.syscall(446, libc.syscall(444, ctypes.byref(attr), 8, 0), 0) == 0
+from fst_jax.tasks.sandbox import run_python
+r = run_python("v = open({str(secret)!r}).read()", capture="v")
+print(json.dumps([r.status, r.value_repr, r.isolation]))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    status, value, isolation = json.loads(out.stdout.splitlines()[-1])
+    assert (status, value) == ("ok", "'host secret'")
+    assert "landlock unavailable: reads unrestricted" in isolation
+    assert not any(x.startswith("landlock-") for x in isolation)
