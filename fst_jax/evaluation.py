@@ -161,7 +161,8 @@ def _kl_batch(tokens, positions, mask, loss_mask, multiple: int) -> TrainBatch:
     return TrainBatch(tokens=tokens, positions=positions, mask=mask, loss_mask=loss_mask,
                       sampler_logp=zf, ref_logp=zf, advantages=zi.astype(np.float32),
                       rewards=zi.astype(np.float32), group_ids=np.arange(rows, dtype=np.int32),
-                      context_ids=zi, temperature=np.ones(rows, np.float32))
+                      context_ids=zi, temperature=np.ones(rows, np.float32),
+                      completion_budget=np.full(rows, T, np.int32))
 
 
 def samples_to_rows(samples: Any, multiple: int = 1) -> TrainBatch:
@@ -179,15 +180,15 @@ def samples_to_rows(samples: Any, multiple: int = 1) -> TrainBatch:
 
 
 # -- the 2x2 decomposition ----------------------------------------------------------------
-def decomposition_2x2(accuracy_fn: Callable[[Any, str], float], base_weights: Any,
+def decomposition_2x2(accuracy_fn: Callable[[Any, str], Any], base_weights: Any,
                       trained_weights: Any, original_context: str, evolved_context: str
-                      ) -> dict[str, float]:
+                      ) -> dict[str, Any]:
     """pass@1 of {base, trained} weights x {original, evolved} context, as
     ``{"base/original": .., "base/evolved": .., "trained/original": .., "trained/evolved": ..}``
-    with ``accuracy_fn(weights, context) -> float``."""
+    with ``accuracy_fn(weights, context)`` (a pass@1, or the per-example scores behind it)."""
     weights = {"base": base_weights, "trained": trained_weights}
     contexts = {"original": original_context, "evolved": evolved_context}
-    return {f"{w}/{c}": float(accuracy_fn(wv, cv))
+    return {f"{w}/{c}": accuracy_fn(wv, cv)
             for w, wv in weights.items() for c, cv in contexts.items()}
 
 
@@ -285,9 +286,10 @@ class EvaluationConfig:
     with that task's own ``original_prompt``, never an evolved context.
 
     ``k`` samples per example at ``temperature`` give mean@k; ``greedy`` adds pass@1;
-    ``kl`` adds the exact ``KL(pi_theta || pi_base)`` per completion token on one temperature-1
-    sample per example, prompted with the ``kl_context`` ("original": the fixed eval prompt set,
-    comparable across modes and checkpoints; "best": the best evolved context) (guess);
+    ``kl`` adds the exact ``KL(pi_theta || pi_base)`` per completion token on ``kl_samples``
+    temperature-1 samples per example, prompted with each of ``kl_contexts`` ("best": the context
+    the mode is evaluated with, where its reward is; "original": the task's original prompt, the
+    same prompt set in every mode and checkpoint);
     ``two_by_two`` adds greedy pass@1 of the base weights with both contexts (the 2x2).
     ``max_new_tokens`` None keeps the generator's default; ``seed`` picks the examples and the
     samples: each (task, example, context) has its own draws, the same at every evaluation and
@@ -300,7 +302,8 @@ class EvaluationConfig:
     temperature: float = 0.6
     greedy: bool = True
     kl: bool = True
-    kl_context: Literal["original", "best"] = "original"
+    kl_contexts: tuple[Literal["best", "original"], ...] = ("best", "original")
+    kl_samples: int = 4
     two_by_two: bool = False
     ood_tasks: tuple[str, ...] = ()
     max_new_tokens: int | None = None
@@ -310,6 +313,11 @@ class EvaluationConfig:
         require(self.every >= 0, "every must be >= 0 (0 = off)")
         require(self.num_examples >= 1, "num_examples must be >= 1")
         require(self.k >= 1, "k must be >= 1")
+        require(self.kl_samples >= 1, "kl_samples must be >= 1")
+        require(not self.kl or len(self.kl_contexts) > 0, "kl needs at least one of kl_contexts")
+        require(len(set(self.kl_contexts)) == len(self.kl_contexts)
+                and set(self.kl_contexts) <= {"best", "original"},
+                "kl_contexts must be distinct names from ('best', 'original')")
         require(self.temperature > 0, "temperature must be > 0 (greedy scores are pass@1)")
         require(self.max_new_tokens is None or self.max_new_tokens >= 1,
                 "max_new_tokens must be >= 1")
@@ -320,10 +328,23 @@ class EvaluationConfig:
                 require_in_registry(name, TASKS, "ood task")
 
 
+def _draw_ids(keys: Sequence[tuple[str, ...]], n: int) -> list[int]:
+    """Sampler prompt ids named by each key (task, example, context): the same draws in every
+    evaluation and mode."""
+    return [zlib.crc32("\0".join(k).encode()) % (2**31 // n) for k in keys]
+
+
 class EvaluationHook:
     """Runs ``EvaluationConfig``'s protocol; keeps the running maxima (``state`` /
     ``load_state`` for checkpoints). ``ood`` overrides the tasks built from
-    ``config.ood_tasks`` (same names)."""
+    ``config.ood_tasks`` (same names).
+
+    After each ``run``, ``problems`` holds its per-problem record (JSON values), the line of
+    ``eval_problems.jsonl``: ``example_ids`` (task -> ids, in row order), ``scores`` (each
+    ``eval.jsonl`` score key -> its per-example scores: ``[n, k]`` for mean@k, ``[n]`` for pass@1
+    and the 2x2 cells; their plain mean is the logged value) and, with ``kl``, ``kl`` and
+    ``kl_tokens`` (each ``eval/kl_to_base*`` key -> ``[n, kl_samples]`` per-completion KL per
+    token and completion lengths; ``sum(kl * tokens) / sum(tokens)`` is the logged value)."""
 
     def __init__(self, config: EvaluationConfig, ood: Mapping[str, Task] | None = None):
         self.config = config
@@ -333,6 +354,7 @@ class EvaluationHook:
                 f"ood tasks {sorted(ood)} differ from config.ood_tasks {sorted(config.ood_tasks)}")
         self.ood = dict(ood)
         self.best: dict[str, float] = {}
+        self.problems: dict[str, Any] = {}
         self._examples: dict[str, list[Example]] = {}
         self._kl: tuple[Any, Callable] | None = None
         # Greedy scores of the base weights per (task, example, context): the base weights never
@@ -375,11 +397,10 @@ class EvaluationHook:
         keys = list(dict.fromkeys((t.name, ex.id, ctx) for t, ex, ctx in jobs))
         by_key = {(t.name, ex.id, ctx): (t, ex) for t, ex, ctx in jobs}
         pairs = [(ctx, by_key[(name, ex_id, ctx)][1].prompt) for name, ex_id, ctx in keys]
-        # Draws named by (task, example, context): equal in every evaluation and mode.
-        ids = [zlib.crc32("\0".join(k).encode()) % (2**31 // n) for k in keys]
         texts = generator.generate_text(params, pairs, n=n, seed=self.config.seed,
                                         temperature=temperature,
-                                        max_new_tokens=self.config.max_new_tokens, prompt_ids=ids)
+                                        max_new_tokens=self.config.max_new_tokens,
+                                        prompt_ids=_draw_ids(keys, n))
         if len(texts) != len(keys) or any(len(t) != n for t in texts):
             raise ValueError(f"generator returned {len(texts)} groups for {len(keys)} prompts (n={n})")
         return {k: np.array([safe_reward(*by_key[k], out)[0] for out in outs])
@@ -394,11 +415,12 @@ class EvaluationHook:
         ``generator``: a ``TextGenerator``; for ``kl`` the project's ``Sampler`` (it needs
         ``encode``, ``generate``, ``graphdef`` and ``mesh``). ``base_params``: the base weights
         (for ``kl`` and ``two_by_two``), the same object at every call: their greedy scores are
-        computed once per (task, example, context) for the hook's life. Returns floats keyed ``eval/mean@{k}``,
-        ``eval/pass@1`` (best context), the same with ``_original`` (original prompt), each of
-        those four with ``_max`` (running max over evaluations), ``eval/ood/<task>/mean@{k}``
-        and ``.../pass@1``, ``eval/2x2/{base,trained}/{original,evolved}`` and
-        ``eval/kl_to_base``, as configured."""
+        computed once per (task, example, context) for the hook's life. Returns floats keyed
+        ``eval/mean@{k}``, ``eval/pass@1`` (best context), the same with ``_original`` (original
+        prompt), each of those four with ``_max`` (running max over evaluations),
+        ``eval/ood/<task>/mean@{k}`` and ``.../pass@1``, ``eval/2x2/{base,trained}/{original,
+        evolved}``, ``eval/kl_to_base`` (best context) and ``eval/kl_to_base_original``, as
+        configured; ``self.problems`` holds the per-problem record behind them (class doc)."""
         cfg, k = self.config, self.config.k
         if original_prompt is None:
             original_prompt = task.original_prompt
@@ -408,55 +430,82 @@ class EvaluationHook:
         best_ctx = contexts[0]
         main = [(task, ex, c) for ex in self.examples(task) for c in (best_ctx, original_prompt)]
         ood = [(t, ex, t.original_prompt) for t in self.ood.values() for ex in self.examples(t)]
-        out: dict[str, float] = {}
+        scores: dict[str, np.ndarray] = {}  # eval.jsonl key -> per-example scores
 
-        def table(scores, t: Task, ctx: str) -> np.ndarray:
-            return np.stack([scores[(t.name, ex.id, ctx)] for ex in self.examples(t)])
+        def table(graded, t: Task, ctx: str) -> np.ndarray:
+            return np.stack([graded[(t.name, ex.id, ctx)] for ex in self.examples(t)])
 
         sampled = self._grade(generator, params, main + ood, k, cfg.temperature)
-        out[f"eval/mean@{k}"] = mean_at_k(table(sampled, task, best_ctx))
-        out[f"eval/mean@{k}_original"] = mean_at_k(table(sampled, task, original_prompt))
+        scores[f"eval/mean@{k}"] = table(sampled, task, best_ctx)
+        scores[f"eval/mean@{k}_original"] = table(sampled, task, original_prompt)
         for name, t in self.ood.items():
-            out[f"eval/ood/{name}/mean@{k}"] = mean_at_k(table(sampled, t, t.original_prompt))
+            scores[f"eval/ood/{name}/mean@{k}"] = table(sampled, t, t.original_prompt)
         if cfg.greedy:
             greedy = self._greedy(generator, params, base_params, main + ood)
-            out["eval/pass@1"] = pass_at_1(table(greedy, task, best_ctx)[:, 0])
-            out["eval/pass@1_original"] = pass_at_1(table(greedy, task, original_prompt)[:, 0])
+            scores["eval/pass@1"] = table(greedy, task, best_ctx)[:, 0]
+            scores["eval/pass@1_original"] = table(greedy, task, original_prompt)[:, 0]
             for name, t in self.ood.items():
-                out[f"eval/ood/{name}/pass@1"] = pass_at_1(table(greedy, t, t.original_prompt)[:, 0])
+                scores[f"eval/ood/{name}/pass@1"] = table(greedy, t, t.original_prompt)[:, 0]
         if cfg.two_by_two:
             graded = {id(params): greedy}
 
-            def accuracy(weights, ctx: str) -> float:
+            def accuracy(weights, ctx: str) -> np.ndarray:
                 if id(weights) not in graded:  # the base weights, both contexts in one call
                     graded[id(weights)] = self._greedy(generator, weights, base_params, main)
-                return pass_at_1(table(graded[id(weights)], task, ctx)[:, 0])
+                return table(graded[id(weights)], task, ctx)[:, 0]
 
             grid = decomposition_2x2(accuracy, base_params, params, original_prompt, best_ctx)
-            out.update({f"eval/2x2/{key}": v for key, v in grid.items()})
+            scores.update({f"eval/2x2/{key}": v for key, v in grid.items()})
+        out = {key: (mean_at_k(v) if v.ndim == 2 else pass_at_1(v)) for key, v in scores.items()}
         for key in (f"eval/mean@{k}", f"eval/mean@{k}_original", "eval/pass@1",
                     "eval/pass@1_original"):
             if key in out:
                 self.best[key] = max(self.best.get(key, -np.inf), out[key])
                 out[f"{key}_max"] = self.best[key]
+        names = {t.name: [ex.id for ex in self.examples(t)] for t in [task, *self.ood.values()]}
+        self.problems = {"example_ids": names, "scores": {key: v.tolist() for key, v in scores.items()}}
         if cfg.kl:
-            ctx = original_prompt if cfg.kl_context == "original" else best_ctx
-            out["eval/kl_to_base"] = self.kl_to_base(generator, params, base_params, task, ctx)
+            kl, tokens = {}, {}
+            measured: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+            for which in cfg.kl_contexts:
+                ctx = best_ctx if which == "best" else original_prompt
+                if ctx not in measured:  # rl mode: the best context is the original prompt
+                    measured[ctx] = self.kl_to_base(generator, params, base_params, task, ctx)
+                key = "eval/kl_to_base" + ("" if which == "best" else "_original")
+                kl[key], tokens[key] = (a.tolist() for a in measured[ctx])
+                out[key] = kl_token_mean(*measured[ctx])
+            self.problems.update(kl=kl, kl_tokens=tokens)
         return out
 
-    def kl_to_base(self, sampler, params, base_params, task: Task, context: str) -> float:
-        """Exact per-token KL(pi_params || pi_base) on one temperature-1 sample per example."""
+    def kl_to_base(self, sampler, params, base_params, task: Task, context: str
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact KL(pi_params || pi_base) on ``kl_samples`` temperature-1 samples per example
+        with ``context``: ``(kl [n, kl_samples], tokens [n, kl_samples])``, each completion's KL
+        per token (0 for an empty one) and its length; ``kl_token_mean`` of them is the mean per
+        token. Draws are named by (task, example, context), as in ``_grade``."""
         for attr in ("encode", "generate", "graphdef", "mesh"):
             if not hasattr(sampler, attr):
                 raise TypeError(f"kl needs the project's Sampler (no {attr!r} on "
                                 f"{type(sampler).__name__}); set eval.kl=false otherwise")
         if self._kl is None or self._kl[0] is not sampler:
             self._kl = (sampler, make_exact_kl(sampler.graphdef, sampler.mesh))
-        prompts = sampler.encode([(context, ex.prompt) for ex in self.examples(task)])
-        samples = sampler.generate(params, prompts, n=1, seed=self.config.seed + 1,
+        n, examples = self.config.kl_samples, self.examples(task)
+        prompts = sampler.encode([(context, ex.prompt) for ex in examples])
+        samples = sampler.generate(params, prompts, n=n, seed=self.config.seed + 1,
                                    temperature=1.0, top_p=1.0, top_k=0,
-                                   max_new_tokens=self.config.max_new_tokens)
-        return self._kl[1](params, base_params, samples_to_rows(samples))[0]
+                                   max_new_tokens=self.config.max_new_tokens,
+                                   prompt_ids=_draw_ids([(task.name, ex.id, context) for ex in examples], n))
+        _, per_row = self._kl[1](params, base_params, samples_to_rows(samples))
+        tokens = np.asarray(samples.mask).sum(1).reshape(len(examples), n)
+        return np.where(tokens > 0, per_row.reshape(tokens.shape), 0.0), tokens
+
+
+def kl_token_mean(kl: Any, tokens: Any) -> float:
+    """The mean KL per completion token of completions with per-token KL ``kl`` and lengths
+    ``tokens`` (same shapes): ``sum(kl * tokens) / sum(tokens)``."""
+    kl, tokens = np.asarray(kl, np.float64), np.asarray(tokens, np.float64)
+    require(kl.shape == tokens.shape and tokens.sum() > 0, "kl and tokens: same shapes, some tokens")
+    return float((kl * tokens).sum() / tokens.sum())
 
 
 # -- plots --------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 the loop hook (stub generator and the real sampler on a tiny model), and the plots."""
 
 import dataclasses
+import json
+import zlib
 
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from flax import nnx
 
 from fst_jax.config import ConfigError
 from fst_jax.evaluation import (EvaluationConfig, EvaluationHook, decomposition_2x2,
-                                fit_sigmoid, format_2x2, make_exact_kl, mean_at_k, pass_at_1,
+                                fit_sigmoid, format_2x2, kl_token_mean, make_exact_kl, mean_at_k, pass_at_1,
                                 plot_metrics, running_max, samples_to_rows, sigmoid_curve,
                                 steps_to_reach, steps_to_reference_peak)
 from fst_jax.models.configs import tiny
@@ -208,6 +210,24 @@ def test_hook_scores_best_context_original_prompt_ood_and_2x2():
     assert hook.due(10) and not hook.due(11)
 
 
+def test_hook_problems_record_holds_per_example_scores_that_average_to_the_logged_ones():
+    cfg = EvaluationConfig(num_examples=8, k=4, kl=False, two_by_two=True,
+                           ood_tasks=("arithmetic-ood-test",))
+    hook = EvaluationHook(cfg, ood={"arithmetic-ood-test": OodArithmetic(original_prompt="OOD.")})
+    task = ArithmeticTask()
+    gen = StubGenerator([task, hook.ood["arithmetic-ood-test"]], 8)
+    out = hook.run(gen, {"skill": 4}, {"skill": 1}, task, [f"Be exact. {HINT}"], "Be exact.")
+    rec = json.loads(json.dumps(hook.problems))  # what eval_problems.jsonl holds
+    assert rec["example_ids"] == {t.name: [ex.id for ex in hook.examples(t)]
+                                  for t in (task, hook.ood["arithmetic-ood-test"])}
+    assert set(rec["scores"]) == {k for k in out if not k.endswith("_max")}
+    for key, scores in rec["scores"].items():
+        assert np.mean(scores) == out[key], key
+    assert np.shape(rec["scores"]["eval/mean@4"]) == (8, 4)
+    assert rec["scores"]["eval/pass@1"] == [1.0] * 6 + [0.0] * 2  # examples 0-5 solved greedily
+    assert np.shape(rec["scores"]["eval/2x2/base/original"]) == (8,)
+
+
 def test_hook_keeps_running_maxima_across_evaluations_and_checkpoints():
     """Also: with no original_prompt the task's own is used (rl mode: it is the only context)."""
     cfg = EvaluationConfig(num_examples=8, k=2, kl=False)
@@ -234,25 +254,53 @@ def test_hook_kl_needs_the_sampler_and_config_rejects_unknown_ood_task():
 
 
 # -- the hook's KL on the real sampler ----------------------------------------------------
-def test_hook_kl_is_the_exact_kl_of_the_policys_own_samples():
+def _kl_setup(kl_samples=1, kl_contexts=("best", "original")):
     tok = ByteChatTokenizer()
     cfg = tiny("llama", vocab_size=ByteChatTokenizer.vocab_size)
     sampler = Sampler(init_model(cfg, seed=3), tok,
                       SamplingConfig(max_new_tokens=8, prompt_buckets=(128, 256)))
     base = nnx.state(init_model(cfg, seed=4))
-    task = ArithmeticTask()
     hook = EvaluationHook(EvaluationConfig(num_examples=3, k=1, greedy=False, max_new_tokens=8,
-                                           seed=5))
-    kl = hook.kl_to_base(sampler, sampler.params, base, task, "Be exact.")
-    prompts = sampler.encode([("Be exact.", ex.prompt) for ex in hook.examples(task)])
-    samples = sampler.generate(sampler.params, prompts, n=1, seed=6, temperature=1.0)
+                                           seed=5, kl_samples=kl_samples, kl_contexts=kl_contexts))
+    return sampler, base, hook
+
+
+def test_hook_kl_is_the_exact_kl_of_the_policys_own_samples_per_completion():
+    sampler, base, hook = _kl_setup(kl_samples=2)
+    task = ArithmeticTask()
+    kl, tokens = hook.kl_to_base(sampler, sampler.params, base, task, "Be exact.")
+    assert kl.shape == tokens.shape == (3, 2)
+    examples = hook.examples(task)
+    prompts = sampler.encode([("Be exact.", ex.prompt) for ex in examples])
+    samples = sampler.generate(sampler.params, prompts, n=2, seed=6, temperature=1.0,
+                               prompt_ids=[zlib.crc32(f"arithmetic\0{ex.id}\0Be exact.".encode())
+                                           % 2**30 for ex in examples])
     rows = samples_to_rows(samples)
-    assert rows.loss_mask.sum() == samples.mask.sum()
-    want, _ = numpy_kl(nnx.merge(sampler.graphdef, sampler.params),
-                       nnx.merge(sampler.graphdef, base), rows)
-    np.testing.assert_allclose(kl, want, rtol=1e-4)
-    assert hook.kl_to_base(sampler, sampler.params, sampler.params, task, "Be exact.") == \
-        pytest.approx(0.0, abs=1e-6)
+    assert rows.loss_mask.sum() == samples.mask.sum() == tokens.sum()
+    want, want_rows = numpy_kl(nnx.merge(sampler.graphdef, sampler.params),
+                               nnx.merge(sampler.graphdef, base), rows)
+    np.testing.assert_allclose(kl.ravel(), want_rows, rtol=1e-4)
+    np.testing.assert_allclose(kl_token_mean(kl, tokens), want, rtol=1e-4)
+    same, _ = hook.kl_to_base(sampler, sampler.params, sampler.params, task, "Be exact.")
+    np.testing.assert_allclose(same, 0.0, atol=1e-6)
+
+
+def test_hook_measures_kl_under_the_evaluated_context_and_the_original_prompt():
+    sampler, base, hook = _kl_setup(kl_samples=2)
+    task = ArithmeticTask()
+    out = hook.run(sampler, sampler.params, base, task, ["Evolved: be exact."], "Be exact.")
+    kl = {c: hook.kl_to_base(sampler, sampler.params, base, task, c)
+          for c in ("Evolved: be exact.", "Be exact.")}
+    assert out["eval/kl_to_base"] == pytest.approx(kl_token_mean(*kl["Evolved: be exact."]))
+    assert out["eval/kl_to_base_original"] == pytest.approx(kl_token_mean(*kl["Be exact."]))
+    assert out["eval/kl_to_base"] != out["eval/kl_to_base_original"]
+    for key in ("eval/kl_to_base", "eval/kl_to_base_original"):  # the record recomputes them
+        assert kl_token_mean(hook.problems["kl"][key], hook.problems["kl_tokens"][key]) == \
+            pytest.approx(out[key], rel=1e-12)
+    only = _kl_setup(kl_contexts=("original",))[2]
+    assert "eval/kl_to_base" not in only.run(sampler, sampler.params, base, task, ["E."], "Be exact.")
+    with pytest.raises(ConfigError, match="kl_contexts"):
+        EvaluationConfig(kl_contexts=("best", "best"))
 
 
 # -- plots --------------------------------------------------------------------------------
