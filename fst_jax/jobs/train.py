@@ -361,12 +361,14 @@ def run_train_job(job: TrainJob, *, reflection_fn: Callable[[str], str] | None =
 
 def _evaluate(hook, writers, progress, step, mode, sampler, policy, base, task, contexts,
               original) -> None:
-    """One evaluation (``EvaluationHook.run``), logged to the "eval" stream."""
+    """One evaluation (``EvaluationHook.run``), logged to the "eval" stream and its per-problem
+    scores to "eval_problems" (``EvaluationHook.problems``)."""
     progress.set_description("eval")
     t0 = time.perf_counter()
     record = hook.run(sampler, policy, base, task, contexts, original)
     writers.write("eval", step, {"mode": mode, "task": task.name, **record,
                                  "seconds": time.perf_counter() - t0})
+    writers.write("eval_problems", step, {"mode": mode, "task": task.name, **hook.problems})
 
 
 def _progress(job: TrainJob, step: int):
