@@ -165,6 +165,8 @@ def test_unreachable_reflection_endpoint_is_logged_and_the_run_goes_on(tmp_path,
 class RaisingArithmetic(ArithmeticTask):
     """Arithmetic whose reward always raises."""
 
+    name = "test_raising_arithmetic"
+
     def reward(self, example, completion):
         raise RuntimeError("verifier crashed")
 
@@ -225,3 +227,31 @@ def test_a_continual_schedule_switches_tasks_at_stage_boundaries_and_resumes_acr
     assert [(r["step"], r["task"]) for r in rounds] == [(0, COIN_TASK), (2, "test_raising_arithmetic")]
     assert spy.rounds[1]["anchor"] == list(dict.fromkeys(i for ro in spy.rollouts[2:] for i in ro["problems"]))
     assert spy.rounds[1]["seeds"] == spy.rounds[0]["result"].members  # the population carries over
+
+
+def test_each_stage_of_a_schedule_ends_with_an_evaluation_of_its_final_weights_on_its_own_task(
+        tmp_path, monkeypatch):
+    """At a stage boundary the weights that finished stage A are evaluated on A's task (with A's
+    prompt) before stage B's first evaluation; the last stage's end is evaluated once."""
+    evaluated = []
+    real_run = train_module.EvaluationHook.run
+
+    def run(self, generator, params, base, task, contexts, original=None):
+        evaluated.append((task.name, original, jax.tree.map(np.asarray, params)))
+        return real_run(self, generator, params, base, task, contexts, original)
+
+    monkeypatch.setattr(train_module.EvaluationHook, "run", run)
+    spy = Spy(monkeypatch)
+    schedule = (f"schedule=[{{task: {COIN_TASK}, steps: 2}}, "
+                "{task: test_raising_arithmetic, steps: 2, task_options: {original_prompt: 'Stage two.'}}]")
+    job = smoke_job(tmp_path, "mode=rl", "steps=4", "eval.every=2", "eval.num_examples=2", "eval.k=1",
+                    "eval.kl=false", schedule)
+    run_train_job(job)
+    logged = [(r["step"], r["task"]) for r in read_jsonl(tmp_path / "eval.jsonl")]
+    b = "test_raising_arithmetic"
+    assert logged == [(0, COIN_TASK), (2, COIN_TASK), (2, b), (4, b)]
+    assert [original for _, original, _ in evaluated][1:3] == [make_task(COIN_TASK).original_prompt, "Stage two."]
+    # the stage-A evaluation at step 2 scored the weights after stage A's two updates: the
+    # weights that then sample stage B's first rollout
+    for got, want in zip(jax.tree.leaves(evaluated[1][2]), jax.tree.leaves(spy.rollouts[2]["params"])):
+        np.testing.assert_array_equal(got, want)

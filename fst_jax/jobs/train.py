@@ -333,7 +333,9 @@ def run_train_job(job: TrainJob, *, reflection_fn: Callable[[str], str] | None =
             writers.write("steps", step, record)
             step += 1
             this_run += 1
-            if step == job.steps and job.eval.every > 0:  # always a final evaluation
+            if step == st.end and job.eval.every > 0:
+                # every stage ends with an evaluation of its final weights on its own task (before
+                # the next stage's task takes over at the same step); the run's last one included
                 _evaluate(hook, writers, progress, step, job.mode, sampler,
                           sampling_weights(state, cfg) if job.trains_weights else base, base, task,
                           contexts, original)
