@@ -146,7 +146,7 @@ def _logging() -> None:
 def dry_run_main(job) -> int:
     """Print the memory dry run of ``job`` on ``job.target``: 0 if it fits, 1 if not."""
     from fst_jax.dryrun import DryRunError, format_report
-    from fst_jax.jobs.preflight import fits_line, preflight
+    from fst_jax.jobs.preflight import fits_line, gepa_round_line, preflight
 
     def run() -> int:
         try:
@@ -156,6 +156,8 @@ def dry_run_main(job) -> int:
             return 1
         print(format_report(report))
         print(fits_line(report))
+        if (line := gepa_round_line(job)) is not None:
+            print(line)
         return 0
 
     return _run_reporting_errors(run)

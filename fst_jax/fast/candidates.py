@@ -121,10 +121,15 @@ def front_counts(fronts: Sequence[set[int]], members: set[int]) -> dict[int, int
 
 @dataclasses.dataclass
 class Budget:
-    """The ledger of one GEPA run. ``metric_calls`` counts scored rollouts (cache hits excluded);
-    ``skipped`` counts proposals that produced no child, by reason in ``skip_reasons``."""
+    """The ledger of one GEPA run. ``metric_calls`` counts scored rollouts (cache hits excluded):
+    ``rescore_calls`` scored the round's starting population (its seeds, new or carried) on the
+    anchor set, ``proposal_calls`` the proposals (minibatches, accepted children on the anchor
+    set); the two add up to ``metric_calls``. ``skipped`` counts proposals that produced no
+    child, by reason in ``skip_reasons``."""
 
     metric_calls: int = 0
+    rescore_calls: int = 0
+    proposal_calls: int = 0
     proposals: int = 0
     accepted: int = 0
     rejected: int = 0

@@ -49,6 +49,7 @@ class GEPAJob:
     def __post_init__(self):
         require(self.anchor_size >= self.gepa.minibatch_size, "anchor_size must be >= minibatch_size")
         require(self.test_size >= 1 and self.timing_examples >= 1, "test_size and timing_examples must be >= 1")
+        self.gepa.require_affordable(anchor_size=self.anchor_size, carried=1)
 
 
 def accuracy(sampler: Sampler, task, examples, context: str) -> float:

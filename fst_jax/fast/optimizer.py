@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from fst_jax.config import require, require_in_registry
+from fst_jax.config import ConfigError, require, require_in_registry
 from fst_jax.fast.candidates import Budget, Candidate, Member, Population
 from fst_jax.fast.contamination import LeakDetector
 from fst_jax.fast.evaluator import Adapter, EvalConfig, EvalResult, SamplerEvaluator, TextGenerator
@@ -44,7 +44,13 @@ class GEPAConfig:
     to P proposals' rollouts (``max_proposals`` is never passed). ``leak_overlap`` (None = off)
     skips a child that leaks an anchor problem's answer its parent did not
     (``fst_jax.fast.contamination``: the answer, the problem's numbers and this share of its
-    distinctive tokens)."""
+    distinctive tokens).
+
+    ``max_metric_calls`` is the search's budget: the metric calls of the proposals. Scoring the
+    round's starting population on the anchor set (seeds; carried contexts are re-scored under
+    the current weights) is charged on top of it, or to it with ``rescoring_counts_toward_budget``.
+    ``require_affordable`` refuses a round whose budget does not buy ``min_proposals`` proposals
+    when every proposal costs its worst case (``proposal_cost``): then fewer may be made."""
 
     selector: str = "pareto"
     epsilon: float = 0.1
@@ -53,6 +59,8 @@ class GEPAConfig:
     skip_perfect: bool = True
     perfect_score: float = 1.0
     max_metric_calls: int | None = 960
+    rescoring_counts_toward_budget: bool = False
+    min_proposals: int = 1
     max_proposals: int | None = None
     max_seconds: float | None = None
     max_no_improvement: int | None = None
@@ -71,12 +79,58 @@ class GEPAConfig:
         require(self.minibatch_size >= 1 and self.top_k >= 1, "minibatch_size and top_k must be >= 1")
         require(self.parallel_proposals >= 1, "parallel_proposals must be >= 1")
         require(self.leak_overlap is None or 0.0 < self.leak_overlap <= 1.0, "leak_overlap must be in (0, 1] or null")
+        require(self.min_proposals >= 0, "min_proposals must be >= 0")
+        require(self.max_proposals is None or self.max_proposals >= self.min_proposals,
+                f"max_proposals {self.max_proposals} is below min_proposals {self.min_proposals}")
         for name in ("max_metric_calls", "max_proposals", "max_seconds", "max_no_improvement"):
             value = getattr(self, name)
             require(value is None or value > 0, f"{name} must be > 0 or null")
 
     def limits(self) -> StopLimits:
         return StopLimits(self.max_metric_calls, self.max_proposals, self.max_seconds, self.max_no_improvement)
+
+    def proposal_cost(self, anchor_size: int) -> int:
+        """The most metric calls one proposal spends: its parent and its child on a minibatch,
+        then the accepted child on all ``anchor_size`` anchor problems, each sampled
+        ``eval.samples_per_example`` times (cache hits make it less)."""
+        return (2 * self.minibatch_size + anchor_size) * self.eval.samples_per_example
+
+    def round_budget(self, anchor_size: int, carried: int) -> tuple[int, int | None]:
+        """(re-scoring calls of ``carried`` starting contexts, calls left to the proposals:
+        None when ``max_metric_calls`` is off)."""
+        rescore = carried * anchor_size * self.eval.samples_per_example
+        if self.max_metric_calls is None:
+            return rescore, None
+        return rescore, self.max_metric_calls - (rescore if self.rescoring_counts_toward_budget else 0)
+
+    def least_proposals(self, anchor_size: int, carried: int) -> int | None:
+        """The fewest proposals a round makes before its metric-call budget runs out, every
+        proposal at its worst-case cost (None: no budget); ``max_proposals`` caps it, and
+        ``max_seconds`` / ``max_no_improvement`` may stop a round sooner."""
+        _, search = self.round_budget(anchor_size, carried)
+        if search is None:
+            return None
+        least = max(0, -(-search // self.proposal_cost(anchor_size)))
+        return least if self.max_proposals is None else min(least, self.max_proposals)
+
+    def require_affordable(self, anchor_size: int, carried: int) -> None:
+        """Raise ``ConfigError`` (naming the numbers) when a round on ``anchor_size`` problems
+        starting from ``carried`` contexts is not sure to make ``min_proposals`` proposals
+        (``least_proposals``)."""
+        least = self.least_proposals(anchor_size, carried)
+        if least is None or least >= self.min_proposals:
+            return
+        rescore, search = self.round_budget(anchor_size, carried)
+        cost, n = self.proposal_cost(anchor_size), self.eval.samples_per_example
+        charged = (f"less re-scoring {carried} contexts x {anchor_size} anchor problems x {n} samples = "
+                   f"{rescore} (rescoring_counts_toward_budget: true) " if self.rescoring_counts_toward_budget else "")
+        raise ConfigError(f"a GEPA round cannot afford min_proposals={self.min_proposals} proposals (it may make "
+                          f"{least}): max_metric_calls {self.max_metric_calls} {charged}leaves {search} metric calls "
+                          f"for the search, and one proposal may cost {cost} (2 x minibatch {self.minibatch_size} + "
+                          f"anchor {anchor_size}, x {n} samples); raise max_metric_calls to "
+                          f"{self.max_metric_calls - search + (self.min_proposals - 1) * cost + 1}, "
+                          f"{'charge re-scoring on top (rescoring_counts_toward_budget: false), ' if charged else ''}"
+                          f"or lower min_proposals")
 
 
 @dataclasses.dataclass
@@ -121,7 +175,8 @@ class GEPAOptimizer:
        ``evaluate_many`` call and join the population in proposal order.
 
     With P = 1 this is sequential GEPA. Metric calls count every scored rollout; each
-    proposal's record carries the cumulative count after it, in proposal order.
+    proposal's record carries the cumulative counts after it (``metric_calls``: all of them,
+    ``proposal_calls``: the proposals' alone), in proposal order.
     """
 
     def __init__(self, config: GEPAConfig, evaluator: Adapter,
@@ -145,7 +200,8 @@ class GEPAOptimizer:
         """Score the seeds on the whole anchor set under the evaluator's current weights (one
         generator call). ``Member`` seeds are carried over: they keep their text and birth step,
         and their old scores are discarded, since they are stale once the weights moved. These
-        metric calls and this time count toward the round's budget."""
+        metric calls are ``budget.rescore_calls`` (charged to ``max_metric_calls`` only with
+        ``rescoring_counts_toward_budget``); this time counts toward ``max_seconds``."""
         t0 = time.monotonic()
         if not seeds:
             raise ValueError("GEPA needs at least one seed candidate")
@@ -155,6 +211,7 @@ class GEPAOptimizer:
             raise ValueError(f"config.component {self.config.component!r} is missing from a seed candidate")
         for result, seed, text in zip(self.evaluator.evaluate_many(texts, self.anchor), seeds, texts):
             self.budget.metric_calls += result.metric_calls
+            self.budget.rescore_calls += result.metric_calls
             carried = isinstance(seed, Member)
             self.population.add(text, result.scores, origin="carried" if carried else "seed",
                                 born_step=seed.born_step if carried else step)
@@ -272,10 +329,11 @@ class GEPAOptimizer:
                 budget.skip(d.outcome.split(":", 1)[1])
             visible += d.outcome == "accepted"
             budget.metric_calls += d.calls
+            budget.proposal_calls += d.calls
             best = max(aggregate[:visible])
             self.since_improvement = 0 if best > self.best else self.since_improvement + 1
             self.best = max(best, self.best)
-            record.update(metric_calls=budget.metric_calls, best=self.best)
+            record.update(metric_calls=budget.metric_calls, proposal_calls=budget.proposal_calls, best=self.best)
             self.history.append(record)
             log.info("GEPA proposal %d: parent %d -> %s (budget %s)", d.index, d.parent.id, d.outcome,
                      budget.metric_calls)
@@ -284,8 +342,14 @@ class GEPAOptimizer:
 
     # ------------------------------------------------------------ loop and results
 
+    def charged_calls(self) -> int:
+        """The metric calls charged to ``max_metric_calls``: the proposals', plus the re-scoring's
+        with ``rescoring_counts_toward_budget``."""
+        b = self.budget
+        return b.proposal_calls + (b.rescore_calls if self.config.rescoring_counts_toward_budget else 0)
+
     def stop_reason(self) -> str | None:
-        progress = Progress(self.budget.metric_calls, self.budget.proposals, self.seconds, self.since_improvement)
+        progress = Progress(self.charged_calls(), self.budget.proposals, self.seconds, self.since_improvement)
         return stop_reason(self.config.limits(), progress)
 
     def run(self, state_path: str | Path | None = None) -> str:
@@ -300,10 +364,10 @@ class GEPAOptimizer:
         if b.reflection_calls and b.reflection_failures == b.reflection_calls:
             log.error("GEPA round at policy step %d: all %d reflections failed (see the warnings above): "
                       "the population did not change", step, b.reflection_calls)
-        if reason.startswith("proposals") and cap is not None and b.metric_calls < cap / 2:
+        if reason.startswith("proposals") and cap is not None and self.charged_calls() < cap / 2:
             log.warning("GEPA round at policy step %d stopped at max_proposals with %d of its %d metric "
                         "calls spent (children rejected on the minibatch are never scored on the anchor): "
-                        "raise max_proposals to spend the budget", step, b.metric_calls, cap)
+                        "raise max_proposals to spend the budget", step, self.charged_calls(), cap)
         return reason
 
     def top_k(self, k: int | None = None) -> list[Member]:

@@ -151,6 +151,25 @@ def preflight(job, timeout_s: float = 900.0) -> dict[str, Any]:
     return check_fits(report, t.device_memory_gib)
 
 
+def gepa_round_line(job) -> str | None:
+    """One line on a GEPA round of ``job`` at its largest anchor set (``problems_per_step x
+    fast.every`` problems, K carried contexts): the re-scoring's calls and how they are charged,
+    a proposal's worst-case cost and the fewest proposals the budget buys (None: mode ``rl``).
+    A round that cannot afford ``fast.gepa.min_proposals`` is refused when the job loads."""
+    if not job.evolves_contexts:
+        return None
+    gepa = job.fast.gepa
+    anchor = job.problems_per_step * job.fast.every
+    rescore, search = gepa.round_budget(anchor, gepa.top_k)
+    how = "charged to" if gepa.rescoring_counts_toward_budget else "on top of"
+    budget = (f"max_metric_calls {gepa.max_metric_calls} ({search} for proposals)" if search is not None
+              else "no max_metric_calls")
+    least = gepa.least_proposals(anchor, gepa.top_k)
+    buys = f"at least {least} proposals a round" if least is not None else "proposals bounded by other limits"
+    return (f"GEPA round: anchor {anchor} problems, re-scoring {rescore} metric calls {how} {budget}; "
+            f"a proposal costs at most {gepa.proposal_cost(anchor)}: {buys}")
+
+
 def gib(n: int) -> float:
     return n / 1024 ** 3
 

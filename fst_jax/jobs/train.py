@@ -64,7 +64,10 @@ MODES = ("rl", "gepa", "fst")
 class FastConfig:
     """The fast channel: a GEPA round every ``every`` RL steps (T); ``gepa.top_k`` is the
     population K carried between rounds and mixed into every group; ``gepa.max_metric_calls``
-    is the budget of one round (the re-scoring of carried contexts included)."""
+    is the search budget of one round, re-scoring the K carried contexts on the anchor set (up
+    to ``problems_per_step * every`` problems) comes on top unless
+    ``gepa.rescoring_counts_toward_budget``; ``TrainJob`` refuses a round that cannot afford
+    ``gepa.min_proposals`` proposals (``GEPAConfig.require_affordable``)."""
 
     every: int = 6
     gepa: GEPAConfig = GEPAConfig(max_proposals=400)
@@ -137,6 +140,8 @@ class TrainJob:
                 f"samples_per_problem must be divisible by fast.gepa.top_k (K={K}): each context "
                 f"gets G/K rollouts of every problem")
         gepa, sampling = self.fast.gepa, self.sampling
+        if self.evolves_contexts:
+            gepa.require_affordable(anchor_size=self.problems_per_step * self.fast.every, carried=K)
         if self.evolves_contexts and gepa.reflection.backend == "policy":
             # The policy's meta-prompt holds the current context and one output per minibatch
             # problem (plus problems and feedback, not counted): a lower bound on its length.

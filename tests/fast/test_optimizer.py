@@ -88,11 +88,11 @@ def test_a_round_stopped_by_max_proposals_with_most_of_its_budget_unspent_says_s
                                GEPAConfig(max_proposals=2, max_metric_calls=10_000, reflection=ReflectionConfig(backend="callable")), reflection_fn=reflect)
     assert spent.stop_reason.startswith("proposals") and spent.budget.metric_calls < 5_000
     [warning] = [r.getMessage() for r in caplog.records if "max_proposals" in r.getMessage()]
-    assert f"{spent.budget.metric_calls} of its 10000 metric calls" in warning
+    assert f"{spent.budget.proposal_calls} of its 10000 metric calls" in warning
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="fst_jax.fast.optimizer"):
         run_gepa_round(FakeGenerator(ANCHOR), "p", TASK, ANCHOR, [SEED],
-                       GEPAConfig(max_proposals=2, max_metric_calls=spent.budget.metric_calls + 1,
+                       GEPAConfig(max_proposals=2, max_metric_calls=spent.budget.proposal_calls + 1,
                                   reflection=ReflectionConfig(backend="callable")), reflection_fn=reflect)
     assert not [r for r in caplog.records if "max_proposals" in r.getMessage()]
 
