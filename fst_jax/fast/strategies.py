@@ -159,17 +159,21 @@ class EpochShuffledSampler:
 
 
 def top_k(population: Population, k: int) -> list[int]:
-    """The member ids FST carries into RL, best first.
+    """The member ids FST carries into RL, best first: slot 0 is the member with the highest
+    aggregate anchor score, the one every consumer calls "the best context".
 
-    Rule: the Pareto members (front members left after removing dominated ones, see
-    ``remove_dominated``) come first; within that group and among the rest, rank by aggregate
-    anchor score (higher first), then front coverage (on more instance fronts first), then age
-    (older = lower id first). When fewer than ``k`` are Pareto members the ranking of the rest
-    fills up to ``k``; a population smaller than ``k`` is returned whole.
+    Rule: slot 0 is the highest aggregate (ties: a Pareto member first, then front coverage, on
+    more instance fronts first, then age, older = lower id first), whether or not dominance
+    removal kept it. The other slots rank the Pareto members (front members left after removing
+    dominated ones, see ``remove_dominated``) before the rest, each group by aggregate anchor
+    score, then coverage, then age, so the carried contexts stay diverse. A population smaller
+    than ``k`` is returned whole.
     """
     fronts = population.fronts()
     agg = population.aggregate()
     pareto = remove_dominated(fronts, agg)
     coverage = front_counts(fronts, set(range(len(agg))))
-    ranked = sorted(range(len(agg)), key=lambda m: (m not in pareto, -agg[m], -coverage.get(m, 0), m))
-    return ranked[:k]
+    best = min(range(len(agg)), key=lambda m: (-agg[m], m not in pareto, -coverage.get(m, 0), m))
+    rest = sorted((m for m in range(len(agg)) if m != best),
+                  key=lambda m: (m not in pareto, -agg[m], -coverage.get(m, 0), m))
+    return ([best] + rest)[:k]

@@ -84,6 +84,30 @@ def test_top_k_ranks_pareto_members_by_aggregate_then_coverage_then_age():
     assert top_k(pop, 10) == [2, 4, 0, 1, 3]
 
 
+def test_top_k_puts_the_highest_aggregate_first_even_when_dominated_by_coverage():
+    rows = [
+        [1, 1, 0, 0, 0, 1],    # 0: agg .5, alone on i0 and i5, on i1 with 1
+        [0, 1, 1, 1, 0, 0.9],  # 1: agg .65, its fronts (i1-i3) all hold 0 or 2: dominated
+        [0, 0, 1, 1, 1, 0],    # 2: agg .5, alone on i4, on i2 and i3 with 1
+    ]
+    pop = population(rows)
+    assert remove_dominated(pop.fronts(), pop.aggregate()) == {0, 2}
+    assert top_k(pop, 1) == [1]
+    assert top_k(pop, 3) == [1, 0, 2]  # then the Pareto members: tied aggregate and coverage, older first
+
+
+def test_top_k_gives_an_aggregate_tie_for_slot_0_to_a_pareto_member_over_a_dominated_one_with_more_coverage():
+    rows = [
+        [1, 1, 1, 0, 0, 0],        # 0: on i0-i2 (3 fronts), each shared with one of 1-3: dominated
+        [1, 0.5, 0.5, 1, 0, 0],    # 1: on i0 and alone on i3
+        [0.5, 1, 0.5, 0, 1, 0],    # 2: on i1 and alone on i4
+        [0.5, 0.5, 1, 0, 0, 1],    # 3: on i2 and alone on i5
+    ]
+    pop = population(rows)
+    assert set(pop.aggregate()) == {0.5} and remove_dominated(pop.fronts(), pop.aggregate()) == {1, 2, 3}
+    assert top_k(pop, 4) == [1, 2, 3, 0]
+
+
 def random_matrix(rng):
     k, n = rng.randint(1, 7), rng.randint(1, 10)
     return [[rng.choice([0.0, 0.5, 1.0]) for _ in range(n)] for _ in range(k)]
