@@ -36,7 +36,9 @@ class TrainBatch:
     tokens, positions: int32 ``[B, T]``; mask, loss_mask: bool ``[B, T]``;
     sampler_logp, ref_logp: float32 ``[B, T]``; advantages, rewards: float32 ``[B]``;
     group_ids (problem, in ``[0, B)``), context_ids: int32 ``[B]``; temperature: float32 ``[B]``
-    (> 0: the row's sampling temperature, which the trainer's log-probs use too).
+    (> 0: the row's sampling temperature, which the trainer's log-probs use too);
+    completion_budget: int32 ``[B]`` (>= 1 and >= the row's completion length: the generation
+    budget the row was sampled under, ``max_new_tokens``; Dr. GRPO's per-row denominator).
     """
 
     tokens: jax.Array
@@ -50,6 +52,7 @@ class TrainBatch:
     group_ids: jax.Array
     context_ids: jax.Array
     temperature: jax.Array
+    completion_budget: jax.Array
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -62,7 +65,8 @@ def build_train_batch(prompt_tokens: Sequence[Sequence[int]], completion_tokens:
                       advantage: AdvantageConfig = AdvantageConfig(), num_rows: int | None = None,
                       prompt_buckets: Sequence[int] | None = None,
                       completion_buckets: Sequence[int] | None = None,
-                      temperature: float | Sequence[float] = 1.0) -> TrainBatch:
+                      temperature: float | Sequence[float] = 1.0,
+                      completion_budget: int | None = None) -> TrainBatch:
     """A host (NumPy) ``TrainBatch`` from per-row lists.
 
     ``completion_logps[i]`` holds the sampler's log-prob of each token of ``completion_tokens[i]``.
@@ -71,6 +75,9 @@ def build_train_batch(prompt_tokens: Sequence[Sequence[int]], completion_tokens:
     (default: the number of rows), so shapes stay fixed from step to step. Advantages are
     computed here with ``advantage`` (rows of dropped groups get an empty ``loss_mask``).
     ``temperature`` (one, or one per row, each > 0): what the sampler's log-probs are under.
+    ``completion_budget``: the generation budget (``max_new_tokens``) the completions were sampled
+    under, at least the longest completion (ValueError otherwise); None: the completion width
+    (the rollout's is the sampler's ``max_new_tokens``).
     """
     n = len(prompt_tokens)
     if not (len(completion_tokens) == len(completion_logps) == len(rewards) == len(group_ids)
@@ -84,7 +91,11 @@ def build_train_batch(prompt_tokens: Sequence[Sequence[int]], completion_tokens:
     if B < n:
         raise ValueError(f"num_rows={B} < {n} rows")
     P = bucket(max(len(p) for p in prompt_tokens), prompt_buckets)
-    C = bucket(max(max((len(c) for c in completion_tokens), default=1), 1), completion_buckets)
+    longest = max(max((len(c) for c in completion_tokens), default=1), 1)
+    C = bucket(longest, completion_buckets)
+    budget = C if completion_budget is None else completion_budget
+    if budget < longest:
+        raise ValueError(f"completion_budget {budget} is below the longest completion ({longest} tokens)")
     prompt, prompt_mask = pad_rows(prompt_tokens, P, pad_id, left=True, num_rows=B)
     completion, loss_mask = pad_rows(completion_tokens, C, pad_id, left=False, num_rows=B)
     tokens = np.concatenate([prompt, completion], axis=1)
@@ -111,7 +122,8 @@ def build_train_batch(prompt_tokens: Sequence[Sequence[int]], completion_tokens:
     return TrainBatch(tokens=tokens, positions=positions, mask=mask, loss_mask=loss_mask,
                       sampler_logp=sampler_logp, ref_logp=np.zeros((B, P + C), np.float32),
                       advantages=np.asarray(adv, np.float32), rewards=r, group_ids=gids,
-                      context_ids=ctx, temperature=temp)
+                      context_ids=ctx, temperature=temp,
+                      completion_budget=np.full(B, budget, np.int32))
 
 
 def batch_shardings(mesh: Mesh) -> TrainBatch:
@@ -119,7 +131,7 @@ def batch_shardings(mesh: Mesh) -> TrainBatch:
     two, one = batch_sharding(mesh, 2), batch_sharding(mesh, 1)
     return TrainBatch(tokens=two, positions=two, mask=two, loss_mask=two, sampler_logp=two,
                       ref_logp=two, advantages=one, rewards=one, group_ids=one, context_ids=one,
-                      temperature=one)
+                      temperature=one, completion_budget=one)
 
 
 def shard_batch(batch: TrainBatch, mesh: Mesh) -> TrainBatch:

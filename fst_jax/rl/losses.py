@@ -6,10 +6,11 @@ the loss). ``logp`` is the trainer's log-prob (differentiable), ``old_logp`` the
 
 A policy loss ``fn(logp, old_logp, adv [B], cfg) -> (token_loss [B, T], flags)`` gives a
 per-token loss and ``flags``, named ``[B, T]`` bool arrays (e.g. where clipping was active).
-An aggregation ``fn(mask, group_ids, fixed_length) -> (row_weight [B], row_denom [B])`` turns
+An aggregation ``fn(mask, group_ids, budget) -> (row_weight [B], row_denom [B])`` turns
 token losses into ``sum_b row_weight_b * sum_t loss_bt`` over ``sum_b row_denom_b``. Weights are
 computed once on the whole batch, so numerator and denominator are plain sums over rows and any
-split into micro-batches adds up to the full-batch loss exactly.
+split into micro-batches adds up to the full-batch loss exactly. ``budget [B]`` is each row's
+generation budget (``TrainBatch.completion_budget``: the sampler's ``max_new_tokens``).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def register_loss(name: str, aggregation: str):
     return deco
 
 
-# Decorator adding ``fn(mask, group_ids, fixed_length) -> (row_weight, row_denom)``.
+# Decorator adding ``fn(mask, group_ids, budget) -> (row_weight, row_denom)``.
 register_aggregation = functools.partial(register, AGGREGATIONS)
 
 
@@ -56,8 +57,8 @@ class LossConfig:
     for the loss's own (cispo: group, grpo: sequence, dapo: token, dr_grpo: fixed).
     CISPO: ``tau`` caps the importance weight, ``tau_low`` (0 = none) floors it.
     PPO-clip: ratio clipped to ``[1 - epsilon, 1 + epsilon_high]``; ``epsilon_high=None`` means
-    ``epsilon`` (0.28 for dapo, its clip-higher default). ``fixed_length``: the constant per-row
-    denominator of the ``fixed`` aggregation (Dr. GRPO's generation budget; 0 = the batch's T)."""
+    ``epsilon`` (0.28 for dapo, its clip-higher default). The ``fixed`` aggregation divides by
+    the rows' generation budget, which the batch carries (``TrainBatch.completion_budget``)."""
 
     name: str = "cispo"
     aggregation: str | None = None
@@ -65,7 +66,6 @@ class LossConfig:
     tau_low: float = 0.0
     epsilon: float = 0.2
     epsilon_high: float | None = None
-    fixed_length: int = 0
 
     def __post_init__(self):
         require_in_registry(self.name, POLICY_LOSSES, "policy loss")
@@ -74,7 +74,6 @@ class LossConfig:
         require(0 <= self.tau_low < self.tau, "need 0 <= tau_low < tau")
         require(0 < self.epsilon < 1, "epsilon must be in (0, 1)")
         require(self.epsilon_high is None or self.epsilon_high > 0, "epsilon_high must be > 0")
-        require(self.fixed_length >= 0, "fixed_length must be >= 0")
 
     @property
     def aggregation_name(self) -> str:
@@ -128,7 +127,7 @@ def _row_tokens(mask):
 
 
 @register_aggregation("group")
-def group_agg(mask, group_ids, fixed_length):
+def group_agg(mask, group_ids, budget):
     """The paper's: each group's token losses summed over the group's completion tokens, then
     a mean over groups. A row weighs ``1 / tokens(group)`` and counts ``tokens(row) / tokens(group)``
     groups, so a group (whatever rows it spans) adds exactly 1 to the denominator."""
@@ -139,30 +138,32 @@ def group_agg(mask, group_ids, fixed_length):
 
 
 @register_aggregation("token")
-def token_agg(mask, group_ids, fixed_length):
+def token_agg(mask, group_ids, budget):
     """Mean over all completion tokens of the batch."""
     n = _row_tokens(mask)
     return jnp.ones_like(n), n
 
 
 @register_aggregation("sequence")
-def sequence_agg(mask, group_ids, fixed_length):
+def sequence_agg(mask, group_ids, budget):
     """Mean over rows of each row's token mean (rows without completion tokens do not count)."""
     n = _row_tokens(mask)
     return jnp.where(n > 0, 1.0 / jnp.maximum(n, 1.0), 0.0), (n > 0).astype(jnp.float32)
 
 
 @register_aggregation("fixed")
-def fixed_agg(mask, group_ids, fixed_length):
-    """Token sum over ``rows * fixed_length`` (rows without completion tokens do not count)."""
+def fixed_agg(mask, group_ids, budget):
+    """Token sum over the generation budgets of the rows (Dr. GRPO, as verl: a row counts its
+    ``budget``, not the row width, so prompt padding never changes the loss); rows without
+    completion tokens do not count."""
     n = _row_tokens(mask)
-    length = fixed_length or mask.shape[1]
-    return jnp.ones_like(n), (n > 0).astype(jnp.float32) * length
+    return jnp.ones_like(n), jnp.where(n > 0, budget, 0).astype(jnp.float32)
 
 
-def aggregation_weights(cfg: LossConfig, mask, group_ids):
-    """``(row_weight [B], row_denom [B])`` float32 for ``cfg``'s aggregation on a whole batch."""
-    return AGGREGATIONS[cfg.aggregation_name](mask, group_ids, cfg.fixed_length)
+def aggregation_weights(cfg: LossConfig, mask, group_ids, budget):
+    """``(row_weight [B], row_denom [B])`` float32 for ``cfg``'s aggregation on a whole batch;
+    ``budget [B]``: the rows' generation budgets."""
+    return AGGREGATIONS[cfg.aggregation_name](mask, group_ids, budget)
 
 
 def weighted_sum(token_values, mask, row_weight):

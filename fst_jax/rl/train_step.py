@@ -230,7 +230,7 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
 
     def step_fn(state: TrainState, batch: TrainBatch):
         mask = batch.loss_mask
-        row_w, row_d = aggregation_weights(cfg.loss, mask, batch.group_ids)
+        row_w, row_d = aggregation_weights(cfg.loss, mask, batch.group_ids, batch.completion_budget)
         denom_raw = row_d.sum()
         denom = jnp.where(denom_raw > 0, denom_raw, 1.0)
         trainable = (state.params, state.lora)

@@ -22,8 +22,9 @@ def one_device_mesh():
     return make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
 
 
-def host_batch(seed=0, rows=8):
-    """8 rows, 4 problems (interleaved), 2 contexts; rewards give every group variance."""
+def host_batch(seed=0, rows=8, **layout):
+    """8 rows, 4 problems (interleaved), 2 contexts; rewards give every group variance.
+    ``layout``: further ``build_train_batch`` keywords (buckets, ``num_rows``, ...)."""
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(1, MODEL.vocab_size, rng.integers(3, 12)) for _ in range(rows)]
     comps = [rng.integers(1, MODEL.vocab_size, rng.integers(2, 14)) for _ in range(rows)]
@@ -31,7 +32,7 @@ def host_batch(seed=0, rows=8):
     rewards = [float(i % 3 == 0) if i < 4 else float(i % 2) for i in range(rows)]
     groups = [i % 4 for i in range(rows)]
     return build_train_batch(prompts, comps, logps, rewards, groups, [i % 2 for i in range(rows)],
-                             pad_id=0)
+                             pad_id=0, **layout)
 
 
 def new_state(cfg, mesh, seed=0):

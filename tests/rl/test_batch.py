@@ -57,3 +57,10 @@ def test_mismatched_logprobs_are_rejected():
     with pytest.raises(ValueError, match="token for token"):
         build_train_batch(PROMPTS, COMPLETIONS, [[-0.1]] * 3, [0, 1, 0], [0, 0, 0], [0, 0, 0],
                           pad_id=0)
+
+
+def test_completion_budget_is_the_completion_width_or_the_given_budget_never_below_a_completion():
+    np.testing.assert_array_equal(_build(num_rows=4, completion_buckets=(4, 8)).completion_budget, [4] * 4)
+    np.testing.assert_array_equal(_build(completion_budget=96).completion_budget, [96] * 3)
+    with pytest.raises(ValueError, match="completion_budget 2"):
+        _build(completion_budget=2)  # the second completion has 3 tokens

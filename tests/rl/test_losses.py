@@ -15,6 +15,7 @@ ADV = rng.normal(0, 1, B).astype(np.float32)
 MASK = rng.random((B, T)) < 0.7
 MASK[4] = False  # a row without completion tokens (padding or dropped)
 GROUPS = np.array([0, 1, 0, 2, 1, 2], np.int32)  # interleaved groups
+BUDGET = np.array([10, 10, 12, 10, 10, 12], np.int32)  # generation budgets (max_new_tokens), >= T
 
 
 def np_token_loss(cfg: LossConfig, logp, old, adv):
@@ -25,7 +26,7 @@ def np_token_loss(cfg: LossConfig, logp, old, adv):
     return -np.minimum(rho * a, np.clip(rho, 1 - cfg.epsilon, 1 + eps_high) * a)
 
 
-def np_aggregate(name, loss, mask, groups, fixed_length):
+def np_aggregate(name, loss, mask, groups, budget):
     loss = np.where(mask, loss, 0.0)
     n = mask.sum(1)
     if name == "token":
@@ -34,7 +35,7 @@ def np_aggregate(name, loss, mask, groups, fixed_length):
         rows = n > 0
         return np.mean(loss.sum(1)[rows] / n[rows])
     if name == "fixed":
-        return loss.sum() / ((n > 0).sum() * (fixed_length or mask.shape[1]))
+        return loss.sum() / budget[n > 0].sum()
     per_group = [loss[groups == g].sum() / n[groups == g].sum()
                  for g in np.unique(groups) if n[groups == g].sum() > 0]
     return np.mean(per_group)
@@ -43,17 +44,17 @@ def np_aggregate(name, loss, mask, groups, fixed_length):
 @pytest.mark.parametrize("agg", sorted(AGGREGATIONS))
 @pytest.mark.parametrize("name", sorted(POLICY_LOSSES))
 def test_every_loss_and_aggregation_matches_numpy(name, agg):
-    cfg = LossConfig(name=name, aggregation=agg, tau=1.3, tau_low=0.5, fixed_length=10)
-    w, d = aggregation_weights(cfg, MASK, GROUPS)
+    cfg = LossConfig(name=name, aggregation=agg, tau=1.3, tau_low=0.5)
+    w, d = aggregation_weights(cfg, MASK, GROUPS, BUDGET)
     total, denom, _ = policy_loss(cfg, LOGP, OLD, ADV, MASK, w, d)
-    expected = np_aggregate(agg, np_token_loss(cfg, LOGP, OLD, ADV), MASK, GROUPS, 10)
+    expected = np_aggregate(agg, np_token_loss(cfg, LOGP, OLD, ADV), MASK, GROUPS, BUDGET)
     np.testing.assert_allclose(total / denom, expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("agg", sorted(AGGREGATIONS))
 def test_row_subsets_add_up_to_the_full_batch_loss(agg):
     cfg = LossConfig(aggregation=agg)
-    w, d = aggregation_weights(cfg, MASK, GROUPS)
+    w, d = aggregation_weights(cfg, MASK, GROUPS, BUDGET)
     full, denom, _ = policy_loss(cfg, LOGP, OLD, ADV, MASK, w, d)
     parts = [policy_loss(cfg, LOGP[i::3], OLD[i::3], ADV[i::3], MASK[i::3], w[i::3], d[i::3])
              for i in range(3)]
@@ -62,7 +63,7 @@ def test_row_subsets_add_up_to_the_full_batch_loss(agg):
 
 
 def test_group_aggregation_counts_each_group_once():
-    _, d = aggregation_weights(LossConfig(aggregation="group"), MASK, GROUPS)
+    _, d = aggregation_weights(LossConfig(aggregation="group"), MASK, GROUPS, BUDGET)
     assert float(d.sum()) == pytest.approx(3.0)
 
 
@@ -74,7 +75,7 @@ def test_losses_default_to_their_own_aggregation():
 
 
 def _grad_wrt_logp(cfg):
-    w, d = aggregation_weights(cfg, MASK, GROUPS)
+    w, d = aggregation_weights(cfg, MASK, GROUPS, BUDGET)
     fn = lambda lp: policy_loss(cfg, lp, OLD, ADV, MASK, w, d)[0]
     return np.asarray(jax.grad(fn)(jnp.asarray(LOGP))), np.asarray(w)
 
@@ -102,7 +103,7 @@ def test_ppo_clip_gradient_vanishes_exactly_where_clipping_is_active():
 
 def test_clip_flags_mark_clipped_tokens():
     cfg = LossConfig(name="dapo")
-    _, _, flags = policy_loss(cfg, LOGP, OLD, ADV, MASK, *aggregation_weights(cfg, MASK, GROUPS))
+    _, _, flags = policy_loss(cfg, LOGP, OLD, ADV, MASK, *aggregation_weights(cfg, MASK, GROUPS, BUDGET))
     rho = np.exp(LOGP - OLD)
     np.testing.assert_array_equal(flags["clip_high"], (rho > 1.28) & (ADV[:, None] > 0))
     np.testing.assert_array_equal(flags["clip_low"], (rho < 0.8) & (ADV[:, None] < 0))

@@ -6,6 +6,7 @@ import pytest
 from flax import nnx
 
 from fst_jax.rl.batch import shard_batch
+from fst_jax.rl.losses import LossConfig
 from fst_jax.rl.train_step import make_ref_logprobs, make_train_step, token_logprobs
 from fst_jax.sharding import MeshConfig, make_mesh
 from rl_helpers import CFG, host_batch, new_state, on_policy, one_device_mesh, to_host
@@ -95,3 +96,19 @@ def test_training_raises_logprob_of_positive_advantage_completions(single):
     assert per_row[pos].min() > 0 and per_row[neg].max() < 0
     assert float(m["kl"]) > 0
 
+
+
+def test_dr_grpo_loss_and_gradient_do_not_depend_on_the_prompt_bucket():
+    """Dr. GRPO divides by the generation budget: the same completions give the same loss and
+    gradient whether their prompts are padded to a small or a large prompt bucket."""
+    cfg = dataclasses.replace(CFG, loss=LossConfig(name="dr_grpo"))
+    mesh = one_device_mesh()
+    out = []
+    for prompt_bucket in (16, 64):
+        g, state = new_state(cfg, mesh)
+        batch = host_batch(prompt_buckets=(prompt_bucket,), completion_buckets=(16,))
+        state, m = make_train_step(g, state, cfg, mesh)(state, shard_batch(batch, mesh))
+        out.append((to_host(state.params), {k: float(v) for k, v in m.items()}))
+    (_, small), (_, large) = out
+    assert large["loss"] / small["loss"] == pytest.approx(1.0, rel=1e-5)
+    _assert_same(out[1], out[0], 1e-5)
