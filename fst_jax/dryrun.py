@@ -227,7 +227,7 @@ def measure(spec: DryRunSpec) -> dict[str, Any]:
     kinds = TrainBatch(tokens=jnp.int32, positions=jnp.int32, mask=jnp.bool_, loss_mask=jnp.bool_,
                        sampler_logp=jnp.float32, ref_logp=jnp.float32, advantages=jnp.float32,
                        rewards=jnp.float32, group_ids=jnp.int32, context_ids=jnp.int32,
-                       temperature=jnp.float32)
+                       temperature=jnp.float32, completion_budget=jnp.int32)
     batch = jax.tree.map(
         lambda dt, s: jax.ShapeDtypeStruct((B, T) if len(s.spec) == 2 else (B,), dt, sharding=s),
         kinds, sh)
