@@ -2,8 +2,10 @@
 
 Every estimator maps ``rewards [B] float32``, ``group_ids [B] int32`` (values in ``[0, B)``; a
 group's rows need not be contiguous) and ``valid [B] bool`` (False for padding rows, which are
-ignored) to ``advantages [B] float32`` (0 on invalid rows). ``compute_advantages`` adds the
-options: batch-level std scaling and dropping groups whose rewards all agree.
+ignored) to ``advantages [B] float32`` (0 on invalid rows). ``compute_advantages`` sets the
+advantages of a group whose rewards all agree to exactly 0 (a float mean such as 7 x 0.7 is
+inexact, so ``r - mean`` need not be) and adds the options: batch-level std scaling and dropping
+those groups.
 """
 
 from __future__ import annotations
@@ -96,10 +98,9 @@ def compute_advantages(cfg: AdvantageConfig, rewards, group_ids, valid):
         mean = jnp.where(valid, rewards, 0.0).sum() / n
         std = jnp.sqrt(jnp.where(valid, (rewards - mean) ** 2, 0.0).sum() / n)
         adv = adv / (std + cfg.eps)
-    keep = valid
-    if cfg.drop_zero_variance:  # exact test: the group's max reward equals its min
-        B = rewards.shape[0]
-        hi = jax.ops.segment_max(jnp.where(valid, rewards, -jnp.inf), group_ids, num_segments=B)
-        lo = jax.ops.segment_min(jnp.where(valid, rewards, jnp.inf), group_ids, num_segments=B)
-        keep = keep & (hi[group_ids] > lo[group_ids])
-    return jnp.where(keep, adv, 0.0), keep
+    B = rewards.shape[0]  # exact test of equal rewards: the group's max reward equals its min
+    hi = jax.ops.segment_max(jnp.where(valid, rewards, -jnp.inf), group_ids, num_segments=B)
+    lo = jax.ops.segment_min(jnp.where(valid, rewards, jnp.inf), group_ids, num_segments=B)
+    varies = hi[group_ids] > lo[group_ids]
+    keep = valid & varies if cfg.drop_zero_variance else valid
+    return jnp.where(keep & varies, adv, 0.0), keep

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from fst_jax.config import ConfigError
-from fst_jax.rl.advantages import AdvantageConfig, compute_advantages
+from fst_jax.rl.advantages import ADVANTAGES, AdvantageConfig, compute_advantages
 
 # Three problems whose rows are interleaved, plus one padding row (group 3, invalid).
 REWARDS = np.array([1.0, 0.0, 0.5, 0.0, 1.0, 0.5, 1.0, 0.0, 9.0], np.float32)
@@ -41,6 +41,17 @@ def test_zero_variance_groups_are_dropped_and_padding_ignored():
     np.testing.assert_array_equal(keep, [False, False, True, False, True, False, False, False])
     np.testing.assert_allclose(adv[[2, 4]], [-1.0, 1.0], atol=1e-5)
     assert np.all(adv[~keep] == 0)
+
+
+@pytest.mark.parametrize("name", sorted(ADVANTAGES))
+def test_a_group_of_equal_rewards_has_exactly_zero_advantage_when_kept(name):
+    """7 x 0.7 has an inexact float32 mean: the group's advantages must still be exactly 0."""
+    rewards = np.array([0.7] * 7 + [0.0, 1.0], np.float32)
+    groups = np.array([0] * 7 + [1, 1], np.int32)
+    cfg = AdvantageConfig(name=name, drop_zero_variance=False)
+    adv, keep = map(np.asarray, compute_advantages(cfg, rewards, groups, np.ones(9, bool)))
+    assert np.abs(adv[:7]).max() == 0.0
+    assert keep.all() and adv[7] < 0 < adv[8]
 
 
 def test_batch_std_scaling_divides_by_batch_reward_std():
