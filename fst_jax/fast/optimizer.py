@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from fst_jax import distributed
 from fst_jax.config import ConfigError, require, require_in_registry
 from fst_jax.fast.candidates import Budget, Candidate, Member, Population
 from fst_jax.fast.contamination import LeakDetector
@@ -354,8 +355,10 @@ class GEPAOptimizer:
 
     def run(self, state_path: str | Path | None = None) -> str:
         """Step until a stop condition holds; saves the state after each step when ``state_path``
-        is given. Returns the stop reason."""
-        while (reason := self.stop_reason()) is None:
+        is given. Returns the stop reason. With several processes the decision is process 0's,
+        broadcast to all (``max_seconds`` reads each process's own clock), so every process
+        stops after the same proposal; every process must call this."""
+        while (reason := distributed.broadcast_host_object(self.stop_reason())) is None:
             self.step()
             if state_path is not None:
                 self.save(state_path)

@@ -31,6 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
+from fst_jax import distributed
 from fst_jax.registry import register
 from fst_jax.config import require, require_in_registry
 
@@ -358,8 +359,9 @@ def openai_backend(cfg: ReflectionConfig, **_: Any) -> BatchedLM:
 class ReplayCache:
     """Record/replay JSON cache around a reflection LM, keyed by the SHA-256 of the prompt.
 
-    "record" calls ``inner`` and writes every reply to ``path`` (atomically); "replay" only reads
-    ``path`` and raises ReplayMissError for an unknown prompt.
+    "record" calls ``inner`` and writes every reply to ``path`` (atomically; with several
+    processes, process 0 alone writes); "replay" only reads ``path`` and raises ReplayMissError
+    for an unknown prompt.
     """
 
     def __init__(self, path: str | Path, mode: str, inner: ReflectionLM | None = None):
@@ -395,6 +397,8 @@ class ReplayCache:
         if not replies:
             return outs
         self.entries.update(replies)
+        if not distributed.is_primary():
+            return outs
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         tmp.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
         os.replace(tmp, self.path)

@@ -8,6 +8,7 @@ import logging
 
 import pytest
 
+from fst_jax import distributed
 from fst_jax.config import ConfigError, load_config, save_config
 from fst_jax.fast import GEPAConfig, GEPAOptimizer, ReflectionConfig, SamplerEvaluator, make_reflection_lm, run_gepa_round
 from fst_jax.tasks import make_task
@@ -95,6 +96,24 @@ def test_a_round_stopped_by_max_proposals_with_most_of_its_budget_unspent_says_s
                        GEPAConfig(max_proposals=2, max_metric_calls=spent.budget.proposal_calls + 1,
                                   reflection=ReflectionConfig(backend="callable")), reflection_fn=reflect)
     assert not [r for r in caplog.records if "max_proposals" in r.getMessage()]
+
+
+def test_the_decision_to_stop_is_process_0s_shared_by_every_process(monkeypatch):
+    """Each check sends this process's own decision to ``broadcast_host_object`` and obeys
+    the reply (process 0's), also against its own clock: every process stops at one proposal."""
+    def as_process_0_says(*said):
+        sent, replies = [], iter(said)
+        monkeypatch.setattr(distributed, "broadcast_host_object", lambda own: sent.append(own) or next(replies))
+        return sent
+
+    sent = as_process_0_says(None, None, "wall time 9.0s >= 5.0s")
+    result = run_gepa_round(FakeGenerator(ANCHOR), "p", TASK, ANCHOR, [SEED], config(max_proposals=50, max_seconds=3600),
+                            reflection_fn=reflect)
+    assert result.stop_reason == "wall time 9.0s >= 5.0s" and result.budget.proposals == 2 and sent == [None] * 3
+    sent = as_process_0_says(None, "wall time 9.0s >= 5.0s")
+    result = run_gepa_round(FakeGenerator(ANCHOR), "p", TASK, ANCHOR, [SEED], config(max_proposals=50, max_seconds=1e-9),
+                            reflection_fn=reflect)
+    assert result.budget.proposals == 1 and all(s.startswith("wall time") for s in sent)  # its own clock said stop
 
 
 def step_once(reply, seed=SEED, **kw):

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from fst_jax import distributed
 from fst_jax.config import ConfigError
 from fst_jax.fast.reflection import (DEFAULT_TEMPLATE, ReflectionConfig, ReflectionError, ReplayMissError,
                                      extract_text, make_reflection_lm, parse_proposal, reflective_record,
@@ -91,6 +92,17 @@ def test_record_then_replay_returns_the_recorded_reply_and_misses_raise(tmp_path
     assert replay("hello", 5).text == "reply to hello" and calls == ["hello"]
     with pytest.raises(ReplayMissError, match="record it first"):
         replay("other prompt", 0)
+
+
+def test_record_mode_writes_its_cache_file_on_process_0_only(tmp_path, monkeypatch):
+    path = tmp_path / "replies.json"
+    cfg = ReflectionConfig(backend="callable", cache_mode="record", cache_path=str(path))
+    monkeypatch.setattr(distributed, "is_primary", lambda: False)
+    other = make_reflection_lm(cfg, fn=lambda p: f"reply to {p}")
+    assert other("hello", 0).text == "reply to hello" and not path.exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(distributed, "is_primary", lambda: True)
+    primary = make_reflection_lm(cfg, fn=lambda p: f"reply to {p}")
+    assert primary("hello", 0).text == "reply to hello" and list(json.loads(path.read_text())) == [primary.key("hello")]
 
 
 class FakePolicy:
