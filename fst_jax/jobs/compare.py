@@ -1,10 +1,13 @@
-"""Side-by-side runner: rl, gepa and fst from one ``TrainJob`` config, then one report.
+"""Side-by-side runner: rl, gepa and fst from one ``CompareJob`` config (a ``TrainJob`` plus
+``seeds`` and the pre-stated comparisons), then one report.
 
-``run_compare(job)`` runs each mode in turn on the same data and seeds (``mode_job``: the
-config with ``mode=<m>``, ``output_dir=<output_dir>/<m>``, ``export_hf=true``), each resumable:
-a finished mode is skipped, an unfinished one continues from its checkpoints, and a mode that
-stops early (SIGTERM, ``max_steps_this_run``) ends the sequence. ``write_report(job)`` then reads
-the run folders and writes ``<output_dir>/report/``:
+``run_compare(job)`` runs every mode at every seed (seed by seed, modes in turn) on the same
+data and seeds (``mode_job``: the config with ``mode=<m>``, the seed applied by ``seeded``,
+``export_hf=true``, in ``<output_dir>/<m>`` for one seed, ``<output_dir>/<m>/seed<k>`` for
+several), each resumable: a finished run is skipped, an unfinished one continues from its
+checkpoints, and a run that stops early (SIGTERM, ``max_steps_this_run``) ends the sequence.
+``write_report(job)`` then reads the run folders and writes ``<output_dir>/report/`` (with
+several seeds, this per-run report goes to ``report/seed<k>/`` for each seed):
 
 - ``reward_vs_step.png`` (running max of validation mean@k from ``eval.jsonl``),
   ``kl_vs_reward.png`` (exact KL to the base model against mean@k), ``training_reward.png``
@@ -15,7 +18,11 @@ the run folders and writes ``<output_dir>/report/``:
 - the ScaleRL sigmoid fit (A, C_mid, B) of each mode's mean@k against step, the steps each mode
   needs to reach rl's peak, the KL at matched reward, the OOD scores, and what the GEPA rounds
   did (proposals, outcomes, budget spent, minibatch scores of parents and children);
-- ``summary.md`` (every number) and ``summary.json`` (the same, machine-readable).
+- ``summary.md`` (every number) and ``summary.json`` (the same, machine-readable);
+- across seeds, from the per-problem logs (``eval_problems.jsonl``): ``report/evidence.md`` and
+  ``evidence.json``, each headline quantity and each between-mode difference with a 95% paired
+  bootstrap interval over seeds and problems, flagged when not pre-stated
+  (``fst_jax.report.evidence``), and its figures.
 """
 
 from __future__ import annotations
@@ -42,16 +49,58 @@ log = logging.getLogger(__name__)
 REPORT_DIR = "report"
 
 
-def mode_job(job: TrainJob, mode: str) -> TrainJob:
-    """The run of one mode: its own folder ``<output_dir>/<mode>`` (an absolute
-    ``checkpoint.directory`` gets ``/<mode>`` appended) and ``export_hf`` on (the 2x2 reads the
-    fst run's weights)."""
+@dataclasses.dataclass(frozen=True)
+class CompareJob(TrainJob):
+    """A comparison: the ``TrainJob`` every mode runs, at each of ``seeds`` (``seeded``: the seed
+    moves the training data, sampling draws and GEPA seeds; the validation problems stay).
+    ``primary_metric`` and ``comparisons`` are stated before the run (quantity names, see
+    ``fst_jax.report.evidence.check_quantity``: e.g. ``"fst-rl: best mean@4"``); the report
+    flags every quantity it gives that is not among them."""
+
+    seeds: tuple[int, ...] = (0,)
+    primary_metric: str | None = None
+    comparisons: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        super().__post_init__()
+        from fst_jax.report.evidence import check_quantity
+
+        require(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds)
+                and min(self.seeds) >= 0, f"seeds must be distinct and >= 0, got {list(self.seeds)}")
+        for name in ((self.primary_metric,) if self.primary_metric else ()) + self.comparisons:
+            check_quantity(name, self.eval.k)
+
+    def train_job(self) -> TrainJob:
+        """The ``TrainJob`` fields alone."""
+        return TrainJob(**{f.name: getattr(self, f.name) for f in dataclasses.fields(TrainJob)})
+
+
+def seeded(job: TrainJob, seed: int) -> TrainJob:
+    """``job`` at comparison seed ``seed``: ``seed`` added to ``job.seed`` (sampling draws),
+    ``data.seed`` (the train pool), ``data.shuffle_seed`` (its order) and ``fast.gepa.seed``;
+    ``eval`` (the validation problems and their draws) unchanged. Seed 0 is ``job`` itself."""
+    data = dataclasses.replace(job.data, seed=job.data.seed + seed,
+                               shuffle_seed=job.data.shuffle_seed + seed)
+    gepa = dataclasses.replace(job.fast.gepa, seed=job.fast.gepa.seed + seed)
+    return dataclasses.replace(job, seed=job.seed + seed, data=data,
+                               fast=dataclasses.replace(job.fast, gepa=gepa))
+
+
+def mode_job(job: CompareJob, mode: str, seed: int | None = None) -> TrainJob:
+    """The run of one mode at one of ``job.seeds`` (default the first): ``seeded``, in its own
+    folder ``<output_dir>/<mode>`` (one seed) or ``<output_dir>/<mode>/seed<k>`` (several; an
+    absolute ``checkpoint.directory`` gets the same suffix) and ``export_hf`` on (the 2x2 reads
+    the fst run's weights)."""
     require(mode in MODES, f"mode {mode!r} is not one of {MODES}")
+    seed = job.seeds[0] if seed is None else seed
+    require(seed in job.seeds, f"seed {seed} is not one of the comparison's seeds {list(job.seeds)}")
+    sub = Path(mode) if len(job.seeds) == 1 else Path(mode) / f"seed{seed}"
     ckpt = job.checkpoint
     if Path(ckpt.directory).is_absolute():
-        ckpt = dataclasses.replace(ckpt, directory=str(Path(ckpt.directory) / mode))
-    return dataclasses.replace(job, mode=mode, output_dir=str(Path(job.output_dir) / mode),
-                               export_hf=True, checkpoint=ckpt)
+        ckpt = dataclasses.replace(ckpt, directory=str(Path(ckpt.directory) / sub))
+    return dataclasses.replace(seeded(job.train_job(), seed), mode=mode,
+                               output_dir=str(Path(job.output_dir) / sub), export_hf=True,
+                               checkpoint=ckpt)
 
 
 def finished(job: TrainJob) -> bool:
@@ -62,26 +111,27 @@ def finished(job: TrainJob) -> bool:
     return done and (not job.trains_weights or (Path(job.output_dir) / "hf").is_dir())
 
 
-def run_compare(job: TrainJob, modes: Sequence[str] = MODES, *,
+def run_compare(job: CompareJob, modes: Sequence[str] = MODES, *,
                 reflection_fn: Callable[[str], str] | None = None,
                 max_steps_this_run: int | None = None, two_by_two: bool = True
                 ) -> dict[str, Any]:
-    """Run (or resume) ``modes`` in order, then ``write_report``; returns the report summary.
-    ``max_steps_this_run`` bounds each mode's steps in this invocation (time-sliced runs)."""
+    """Run (or resume) ``modes`` at every seed (seed by seed, modes in order), then
+    ``write_report``; returns the report summary. ``max_steps_this_run`` bounds each run's steps
+    in this invocation (time-sliced runs)."""
     require(job.eval.every > 0, "eval.every must be > 0: the comparison reads each run's eval.jsonl")
     require(len(modes) > 0 and len(set(modes)) == len(modes) and set(modes) <= set(MODES),
             f"modes must be distinct names from {MODES}, got {list(modes)}")
-    for mode in modes:
-        sub = mode_job(job, mode)
+    for seed, mode in ((s, m) for s in job.seeds for m in modes):
+        sub = mode_job(job, mode, seed)
         if finished(sub):
-            log.info("compare: %s already finished (%s)", mode, sub.output_dir)
+            log.info("compare: %s seed %d already finished (%s)", mode, seed, sub.output_dir)
             continue
-        log.info("compare: running %s in %s", mode, sub.output_dir)
+        log.info("compare: running %s seed %d in %s", mode, seed, sub.output_dir)
         summary = run_train_job(sub, reflection_fn=reflection_fn,
                                 max_steps_this_run=max_steps_this_run)
         if summary["steps_done"] < sub.steps:
-            log.warning("compare: %s stopped at step %d of %d; rerun the same command to continue",
-                        mode, summary["steps_done"], sub.steps)
+            log.warning("compare: %s seed %d stopped at step %d of %d; rerun the same command to "
+                        "continue", mode, seed, summary["steps_done"], sub.steps)
             break
     return write_report(job, modes, two_by_two=two_by_two)
 
@@ -417,18 +467,50 @@ def _markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(job: TrainJob, modes: Sequence[str] = MODES, *, two_by_two: bool = True
+def write_report(job: CompareJob, modes: Sequence[str] = MODES, *, two_by_two: bool = True
                  ) -> dict[str, Any]:
-    """Read ``<output_dir>/<mode>`` for each mode and write ``<output_dir>/report/`` (see the
-    module doc); returns the summary (also ``summary.json``). Modes without a run folder are
-    left out; the 2x2 is skipped (with the reason in the summary) when the fst run has not
-    finished or ``two_by_two`` is false."""
-    root = Path(job.output_dir)
-    runs = {m: Run.read(root / m, m) for m in modes if (root / m / "steps.jsonl").exists()}
-    if not runs:
-        raise FileNotFoundError(f"no run folders under {root} for modes {list(modes)}")
+    """Read each mode's run folder at each seed and write ``<output_dir>/report/`` (see the module
+    doc); returns the summary. One seed: the per-run summary (also ``summary.json``) with
+    ``"evidence"`` added; several: ``{"seeds", "per_seed": {seed: per-run summary}, "evidence"}``.
+    Runs without a folder are left out; the 2x2 is skipped (with the reason in the summary)
+    when the fst run has not finished or ``two_by_two`` is false. ``evidence`` is None until
+    some run has per-problem logs."""
+    from fst_jax.report.evidence import write_evidence
+
+    out = Path(job.output_dir) / REPORT_DIR
+    per_seed, runs_by_seed = {}, {}
+    for seed in job.seeds:
+        jobs = {m: mode_job(job, m, seed) for m in modes}
+        runs = {m: Run.read(sub.output_dir, m) for m, sub in jobs.items()
+                if (Path(sub.output_dir) / "steps.jsonl").exists()}
+        if not runs:
+            continue
+        runs_by_seed[seed] = runs
+        seed_out = out if len(job.seeds) == 1 else out / f"seed{seed}"
+        per_seed[seed] = _run_report(jobs.get("fst") or next(iter(jobs.values())), runs, seed_out,
+                                     two_by_two)
+    if not runs_by_seed:
+        raise FileNotFoundError(f"no run folders under {job.output_dir} for modes {list(modes)}")
+    evidence = write_evidence(job, runs_by_seed, out)
+    note = ("Across seeds and problems, every quantity with its interval: [evidence.md](evidence.md)."
+            if evidence else "No per-problem logs (eval_problems.jsonl) yet: no intervals.")
+    if len(job.seeds) == 1:
+        summary = {**next(iter(per_seed.values())), "evidence": evidence}
+        with open(out / "summary.md", "a") as f:
+            f.write(f"\n{note}\n")
+    else:
+        summary = {"seeds": list(per_seed), "per_seed": per_seed, "evidence": evidence}
+        (out / "summary.md").write_text(f"# Comparison over seeds {list(per_seed)}\n\n{note}\n\n" + "".join(
+            f"- seed {k}: [seed{k}/summary.md](seed{k}/summary.md)\n" for k in per_seed))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _run_report(job: TrainJob, runs: Mapping[str, Run], out: Path, two_by_two: bool
+                ) -> dict[str, Any]:
+    """The report of one seed's runs (``job``: that seed's fst run, whose 2x2 it computes) in
+    ``out``: figures, ``summary.md`` and ``summary.json``; returns the summary."""
     key = mean_key(runs)
-    out = root / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     per_mode = {m: _mode_numbers(run, key) for m, run in runs.items()}
     curves = {m: run.curve(key) for m, run in runs.items() if run.curve(key)[0]}
@@ -440,7 +522,7 @@ def write_report(job: TrainJob, modes: Sequence[str] = MODES, *, two_by_two: boo
     elif "fst" not in runs or not per_mode["fst"]["finished"]:
         tbt = {"skipped": "no finished fst run"}
     else:
-        tbt = two_by_two_table(job, root / "fst")
+        tbt = two_by_two_table(job, runs["fst"].folder)
     rows = [r for run in runs.values() for r in run.eval]
     figures = [p.name for p in plot_metrics(rows, out, key)]
     figures.append(_plot_training_reward(runs, out / "training_reward.png").name)

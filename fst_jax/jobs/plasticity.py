@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from fst_jax.config import load_config, require
-from fst_jax.jobs.compare import Run, finished, mean_key, mode_job, run_compare
+from fst_jax.jobs.compare import CompareJob, Run, finished, mean_key, mode_job, run_compare
 from fst_jax.jobs.train import TrainJob, run_train_job
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,8 @@ class PlasticityJob:
                 f"arms must be distinct names from {ARMS}, got {list(self.arms)}")
         require(self.probe.eval.every > 0, "probe.eval.every must be > 0: the report reads each arm's evaluations")
 
-    def phase_a_job(self) -> TrainJob:
-        return load_config(TrainJob, self.phase_a)
+    def phase_a_job(self) -> CompareJob:
+        return load_config(CompareJob, self.phase_a)
 
     def arm_job(self, arm: str) -> TrainJob:
         """Phase B from ``arm``'s weights, in ``<probe.output_dir>/<arm>_init``."""
