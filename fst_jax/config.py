@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from pathlib import Path
@@ -158,6 +159,32 @@ def to_dict(config: Any) -> dict[str, Any]:
             v = [to_dict(x) if dataclasses.is_dataclass(x) else x for x in v]
         out[f.name] = v
     return out
+
+
+def changed_keys(saved: Mapping[str, Any], now: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two ``to_dict`` trees (a key present in one
+    tree only counts as changed), sorted."""
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += changed_keys(a, b, f"{prefix}{key}.")
+        elif key not in saved or key not in now or a != b:
+            out.append(prefix + key)
+    return out
+
+
+def require_unchanged(saved: Mapping[str, Any], config: Any, may_change: Sequence[str], what: str) -> None:
+    """Raise ``ConfigError`` (one line) naming the dotted keys of ``config`` that differ from
+    ``saved`` (the ``to_dict`` tree it resumes), except keys equal to or under a ``may_change``
+    entry (e.g. ``"logging"`` covers ``logging.progress``)."""
+    now = json.loads(json.dumps(to_dict(config)))  # tuples as lists, as ``saved`` came from JSON
+    changed = [k for k in changed_keys(saved, now)
+               if not any(k == m or k.startswith(m + ".") for m in may_change)]
+    if changed:
+        raise ConfigError(f"cannot resume {what}: the configuration changed at {', '.join(changed)} "
+                          f"(only {', '.join(may_change)} may change on resume; start a new output_dir "
+                          f"or restore the old values)")
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

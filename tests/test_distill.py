@@ -198,6 +198,10 @@ def test_run_distill_stopped_midway_resumes_to_the_uninterrupted_runs_weights_an
     first = run_distill(cfg, max_steps_this_run=2)
     assert first["steps_done"] == 2 and first["after"] is None and not (out / "result.json").exists()
     assert [r["step"] for r in read_jsonl(out / "steps.jsonl")] == [0, 1]
+    changed = distill_config(run_dir, out, "steps=3", "eval.every=2", "checkpoint.save_every_steps=0",
+                             "optimizer.lr=0.5")
+    with pytest.raises(ConfigError, match=r"changed at optimizer\.lr \("):
+        run_distill(changed)  # a changed learning rate is another run, not this one resumed
     resumed = run_distill(cfg)
     assert resumed["steps_done"] == 3
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("seconds")} for r in rows]  # noqa: E731

@@ -255,3 +255,59 @@ def test_each_stage_of_a_schedule_ends_with_an_evaluation_of_its_final_weights_o
     # weights that then sample stage B's first rollout
     for got, want in zip(jax.tree.leaves(evaluated[1][2]), jax.tree.leaves(spy.rollouts[2]["params"])):
         np.testing.assert_array_equal(got, want)
+
+
+def test_resume_refuses_a_changed_configuration_naming_its_dotted_keys(tmp_path):
+    run_train_job(smoke_job(tmp_path, "mode=rl", "steps=2"), max_steps_this_run=1)
+    for overrides, keys in ((["learner.optimizer.lr=2e-3", "fast.every=3"], ["fast.every", "learner.optimizer.lr"]),
+                            (["data.train_examples=16"], ["data.train_examples"]),
+                            (["mode=fst"], ["mode"])):
+        with pytest.raises(ConfigError) as err:
+            run_train_job(smoke_job(tmp_path, "mode=rl", "steps=2", *overrides))
+        message = str(err.value)
+        assert "\n" not in message and all(key in message for key in keys), message
+    assert len(read_jsonl(tmp_path / "steps.jsonl")) == 1  # nothing ran under a changed config
+    # more steps, another progress bar or checkpoint cadence: the same run, extended
+    summary = run_train_job(smoke_job(tmp_path, "mode=rl", "steps=3", "logging.progress=true",
+                                      "checkpoint.save_every_steps=1"))
+    assert summary["steps_done"] == 3
+
+
+@pytest.fixture(scope="module")
+def micro_batched_rl_run(tmp_path_factory):
+    """An uninterrupted 4-step rl run over a pool of 4 problems (2 per step: a new shuffled epoch
+    every 2 steps) with 2 micro-batches per update, observed by a Spy."""
+    out = tmp_path_factory.mktemp("whole")
+    with pytest.MonkeyPatch.context() as mp:
+        spy = Spy(mp)
+        run_train_job(smoke_job(out, *RESUME_OVERRIDES))
+    return out, spy
+
+
+def _without_times(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("seconds")} for r in rows]
+
+
+RESUME_OVERRIDES = ("mode=rl", "data.train_examples=4", "learner.micro_batches=2", "checkpoint.save_every_steps=0")
+
+
+@pytest.mark.parametrize("stop_after", [1, 2, 3])
+def test_a_resumed_run_reads_the_same_problems_and_samples_from_the_restored_weights(
+        stop_after, micro_batched_rl_run, tmp_path, monkeypatch):
+    """The bug classes peers shipped: resume reset the shuffle state, skipped or repeated data with
+    micro-batches, or sampled from the initial weights instead of the restored ones."""
+    out, whole = micro_batched_rl_run
+    problems = [ro["problems"] for ro in whole.rollouts]
+    assert sorted(problems[0] + problems[1]) == sorted(problems[2] + problems[3])  # epochs: each problem once
+    assert problems[:2] != problems[2:]  # ... reshuffled
+    job = smoke_job(tmp_path, *RESUME_OVERRIDES)
+    run_train_job(job, max_steps_this_run=stop_after)
+    spy = Spy(monkeypatch)
+    run_train_job(job)
+    assert [ro["problems"] for ro in spy.rollouts] == problems[stop_after:]
+    first = jax.tree.leaves(spy.rollouts[0]["params"])
+    for got, want in zip(first, jax.tree.leaves(whole.rollouts[stop_after]["params"])):
+        np.testing.assert_array_equal(got, want)
+    assert any(not np.array_equal(a, b) for a, b in zip(first, jax.tree.leaves(whole.rollouts[0]["params"])))
+    assert (_without_times(read_jsonl(tmp_path / "steps.jsonl"))
+            == _without_times(read_jsonl(out / "steps.jsonl")))

@@ -44,10 +44,10 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from fst_jax.checkpoint import CheckpointConfig, Checkpointer, abstract_target
-from fst_jax.config import ConfigError, load_config, require, save_config, to_dict
+from fst_jax.config import ConfigError, load_config, require, require_unchanged, save_config, to_dict
 from fst_jax.data import ProblemStream
 from fst_jax.evaluation import EvaluationConfig, EvaluationHook, chunked_exact_kl, samples_to_rows
-from fst_jax.jobs.train import TrainJob, _floats, _StopSignal
+from fst_jax.jobs.train import RESUMABLE_CHANGES, TrainJob, _floats, _StopSignal
 from fst_jax.metrics import LoggingConfig, make_writers, read_jsonl
 from fst_jax.rl.optimizer import OptimizerConfig, apply_if, learning_rate, make_optimizer
 from fst_jax.sampling import PromptBatch, Sampler, Samples
@@ -282,7 +282,6 @@ def run_distill(cfg: DistillConfig, *, max_steps_this_run: int | None = None) ->
     run = read_run(cfg.run_dir)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     sampler = load_sampler(run, cfg)
     job = run.job
     stage = job.stages()[-1]  # with a schedule: the task the run ended on
@@ -299,14 +298,17 @@ def run_distill(cfg: DistillConfig, *, max_steps_this_run: int | None = None) ->
     stream = ProblemStream(task.examples("train", job.data.train_examples, seed=job.data.seed),
                            cfg.problems_per_step, job.data.shuffle_seed)
     ckpt = Checkpointer(cfg.checkpoint.under(out))
-    host: dict[str, Any] = {"step": 0}
+    host: dict[str, Any] = {"step": 0, "config": to_dict(cfg)}
     hook = EvaluationHook(cfg.eval)
     restored = ckpt.restore(abstract_target(state))
     if restored is not None:
         state, host = restored.state, restored.host
+        require_unchanged(host["config"], cfg, RESUMABLE_CHANGES, f"the distillation in {out}")
+        require(cfg.steps >= host["step"], f"steps {cfg.steps} is below the {host['step']} steps already run in {out}")
         stream.load_state(host["data"])
         hook.load_state(host["eval"])
         log.info("resumed at step %d", host["step"])
+    save_config(cfg, out / "config.yaml")  # after the resume check: a refused change leaves it as it was
     step = host["step"]
     writers = make_writers(cfg.logging, out, step, to_dict(cfg))
     progress = tqdm(total=cfg.steps, initial=step, desc="eval", unit="step",

@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 
 from fst_jax.checkpoint import CheckpointConfig, Checkpointer, abstract_target
-from fst_jax.config import require, save_config, to_dict
+from fst_jax.config import require, require_unchanged, save_config, to_dict
 from fst_jax.data import DataConfig, ProblemStream
 from fst_jax.evaluation import EvaluationConfig, EvaluationHook
 from fst_jax.fast.candidates import Member
@@ -58,6 +58,9 @@ from fst_jax.tasks.rewards import FunctionScorer, RewardConfig, RewardPool
 log = logging.getLogger(__name__)
 
 MODES = ("rl", "gepa", "fst")
+# What a resumed run may change: the number of steps (to extend it), where it lives, how it logs,
+# checkpoints and is laid out on devices, and the dry run's target; anything else refuses.
+RESUMABLE_CHANGES = ("steps", "output_dir", "logging", "checkpoint", "mesh", "target")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +255,6 @@ def run_train_job(job: TrainJob, *, reflection_fn: Callable[[str], str] | None =
     (with a checkpoint) after that many steps of this invocation (tests, time-sliced runs)."""
     out = Path(job.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(job, out / "config.yaml")
     mesh = make_mesh(job.mesh)
     log.info("process %d of %d; mesh %s over %d devices", jax.process_index(), jax.process_count(),
              dict(mesh.shape), mesh.size)
@@ -274,17 +276,17 @@ def run_train_job(job: TrainJob, *, reflection_fn: Callable[[str], str] | None =
     else:
         graphdef, state = sampler.graphdef, {"steps": jnp.zeros((), jnp.int32)}
     ckpt = Checkpointer(job.checkpoint.under(out))
-    host: dict[str, Any] = {"step": 0, "data": [st.stream.state() for st in stages],
-                            "population": [], "mode": job.mode, "eval": hook.state()}
+    host = _host_state(job, 0, stages, hook, [])
     restored = ckpt.restore(abstract_target(state))
     if restored is not None:
         state, host = restored.state, restored.host
-        if host.get("mode") != job.mode:
-            raise ValueError(f"{ckpt.directory} holds a {host.get('mode')} run; this job is {job.mode}")
+        require_unchanged(host["config"], job, RESUMABLE_CHANGES, f"the run in {out}")
+        require(job.steps >= host["step"], f"steps {job.steps} is below the {host['step']} steps already run in {out}")
         for st, data in zip(stages, host["data"], strict=True):
             st.stream.load_state(data)
         hook.load_state(host["eval"])
         log.info("resumed at step %d", host["step"])
+    save_config(job, out / "config.yaml")  # after the resume check: a refused change leaves it as it was
     step = host["step"]
     members = [Member(**m) for m in host["population"]]
     writers = make_writers(job.logging, out, step, to_dict(job))
@@ -344,9 +346,7 @@ def run_train_job(job: TrainJob, *, reflection_fn: Callable[[str], str] | None =
                 _evaluate(hook, writers, progress, step, job.mode, sampler,
                           sampling_weights(state, cfg) if job.trains_weights else base, base, task,
                           contexts, original)
-            host = {"step": step, "data": [st.stream.state() for st in stages], "mode": job.mode,
-                    "eval": hook.state(),
-                    "population": [dataclasses.asdict(m) for m in members]}
+            host = _host_state(job, step, stages, hook, members)
             progress.update(1)
             progress.set_postfix(reward=f"{record['reward_mean']:.3f}",
                                  kl=f"{record.get('kl', 0.0):.4f}")
@@ -364,6 +364,14 @@ def run_train_job(job: TrainJob, *, reflection_fn: Callable[[str], str] | None =
             st.pool.close()
     return _finish(job, out, step, members, original, graphdef, state, sampler.tokenizer,
                    time.perf_counter() - run_start)
+
+
+def _host_state(job: TrainJob, step: int, stages: list[_Stage], hook: EvaluationHook,
+                members: list[Member]) -> dict[str, Any]:
+    """The loop's host state saved with the weights: the step, each stage's data position, the
+    evaluation's running maxima, the population, and the configuration it ran under."""
+    return {"step": step, "data": [st.stream.state() for st in stages], "eval": hook.state(),
+            "population": [dataclasses.asdict(m) for m in members], "config": to_dict(job)}
 
 
 def _evaluate(hook, writers, progress, step, mode, sampler, policy, base, task, contexts,
