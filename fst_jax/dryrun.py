@@ -224,7 +224,8 @@ def measure(spec: DryRunSpec) -> dict[str, Any]:
     state = abstract_target(abstract, state_shardings(abstract, mesh))
     B, T = spec.batch_rows, spec.seq_len
     sh = batch_shardings(mesh)
-    kinds = TrainBatch(tokens=jnp.int32, positions=jnp.int32, mask=jnp.bool_, loss_mask=jnp.bool_,
+    kinds = TrainBatch(tokens=jnp.int32, positions=jnp.int32, mask=jnp.bool_, completion_mask=jnp.bool_,
+                       loss_mask=jnp.bool_,
                        sampler_logp=jnp.float32, ref_logp=jnp.float32, advantages=jnp.float32,
                        rewards=jnp.float32, group_ids=jnp.int32, context_ids=jnp.int32,
                        temperature=jnp.float32, completion_budget=jnp.int32)

@@ -158,8 +158,8 @@ def _kl_batch(tokens, positions, mask, loss_mask, multiple: int) -> TrainBatch:
     grow = lambda a: np.concatenate([a, np.zeros((pad, T), a.dtype)]) if pad else a  # noqa: E731
     tokens, positions, mask, loss_mask = map(grow, (tokens, positions, mask, loss_mask))
     rows, zf, zi = B + pad, np.zeros((B + pad, T), np.float32), np.zeros(B + pad, np.int32)
-    return TrainBatch(tokens=tokens, positions=positions, mask=mask, loss_mask=loss_mask,
-                      sampler_logp=zf, ref_logp=zf, advantages=zi.astype(np.float32),
+    return TrainBatch(tokens=tokens, positions=positions, mask=mask, completion_mask=loss_mask,
+                      loss_mask=loss_mask, sampler_logp=zf, ref_logp=zf, advantages=zi.astype(np.float32),
                       rewards=zi.astype(np.float32), group_ids=np.arange(rows, dtype=np.int32),
                       context_ids=zi, temperature=np.ones(rows, np.float32),
                       completion_budget=np.full(rows, T, np.int32))

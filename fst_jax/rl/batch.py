@@ -6,7 +6,8 @@ Row layout (``T = P + C``, both from static length buckets)::
      <---------- P (left-padded) ---------> <------ C (right-padded) ---->
 
 Alignment: every ``[B, T]`` array at index ``t`` refers to token ``t``, predicted from tokens
-``< t``. ``loss_mask[b, t]`` is True iff token ``t`` is a real completion token;
+``< t``. ``completion_mask[b, t]`` is True iff token ``t`` is a real completion token;
+``loss_mask`` is ``completion_mask`` on the rows the loss keeps;
 ``sampler_logp[b, t]`` / ``ref_logp[b, t]`` are the sampler's / reference model's
 ``log pi(tokens[b, t] | tokens[b, :t])`` there (0 elsewhere), both under
 ``log_softmax(logits / temperature[b])``, the row's sampling temperature; ``train_step`` computes
@@ -33,7 +34,7 @@ from fst_jax.sharding import batch_sharding
 class TrainBatch:
     """Leading axis ``B`` everywhere (sharded over ``("data", "fsdp")``).
 
-    tokens, positions: int32 ``[B, T]``; mask, loss_mask: bool ``[B, T]``;
+    tokens, positions: int32 ``[B, T]``; mask, completion_mask, loss_mask: bool ``[B, T]``;
     sampler_logp, ref_logp: float32 ``[B, T]``; advantages, rewards: float32 ``[B]``;
     group_ids (problem, in ``[0, B)``), context_ids: int32 ``[B]``; temperature: float32 ``[B]``
     (> 0: the row's sampling temperature, which the trainer's log-probs use too);
@@ -44,6 +45,7 @@ class TrainBatch:
     tokens: jax.Array
     positions: jax.Array
     mask: jax.Array
+    completion_mask: jax.Array
     loss_mask: jax.Array
     sampler_logp: jax.Array
     ref_logp: jax.Array
@@ -97,13 +99,13 @@ def build_train_batch(prompt_tokens: Sequence[Sequence[int]], completion_tokens:
     if budget < longest:
         raise ValueError(f"completion_budget {budget} is below the longest completion ({longest} tokens)")
     prompt, prompt_mask = pad_rows(prompt_tokens, P, pad_id, left=True, num_rows=B)
-    completion, loss_mask = pad_rows(completion_tokens, C, pad_id, left=False, num_rows=B)
+    completion, generated = pad_rows(completion_tokens, C, pad_id, left=False, num_rows=B)
     tokens = np.concatenate([prompt, completion], axis=1)
-    mask = np.concatenate([prompt_mask, loss_mask], axis=1)
+    mask = np.concatenate([prompt_mask, generated], axis=1)
     sampler_logp = np.zeros((B, P + C), np.float32)
     for i, lp in enumerate(completion_logps):
         sampler_logp[i, P:P + len(lp)] = lp
-    loss_mask = np.concatenate([np.zeros_like(prompt_mask), loss_mask], axis=1)
+    completion_mask = np.concatenate([np.zeros_like(prompt_mask), generated], axis=1)
     keys = {}
     gids = np.array([keys.setdefault(g, len(keys)) for g in group_ids] + [len(keys)] * (B - n),
                     np.int32)
@@ -111,7 +113,7 @@ def build_train_batch(prompt_tokens: Sequence[Sequence[int]], completion_tokens:
     r = np.zeros(B, np.float32)
     r[:n] = rewards
     adv, keep = compute_advantages(advantage, r, gids, valid)
-    loss_mask &= np.asarray(keep)[:, None]
+    loss_mask = completion_mask & np.asarray(keep)[:, None]
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
     ctx = np.zeros(B, np.int32)
     ctx[:n] = context_ids
@@ -119,19 +121,19 @@ def build_train_batch(prompt_tokens: Sequence[Sequence[int]], completion_tokens:
     temp[:n] = temperature
     if not (temp > 0).all():
         raise ValueError("temperature must be > 0 (greedy rows' log-probs are at temperature 1)")
-    return TrainBatch(tokens=tokens, positions=positions, mask=mask, loss_mask=loss_mask,
-                      sampler_logp=sampler_logp, ref_logp=np.zeros((B, P + C), np.float32),
-                      advantages=np.asarray(adv, np.float32), rewards=r, group_ids=gids,
-                      context_ids=ctx, temperature=temp,
+    return TrainBatch(tokens=tokens, positions=positions, mask=mask, completion_mask=completion_mask,
+                      loss_mask=loss_mask, sampler_logp=sampler_logp,
+                      ref_logp=np.zeros((B, P + C), np.float32), advantages=np.asarray(adv, np.float32),
+                      rewards=r, group_ids=gids, context_ids=ctx, temperature=temp,
                       completion_budget=np.full(B, budget, np.int32))
 
 
 def batch_shardings(mesh: Mesh) -> TrainBatch:
     """A ``TrainBatch`` of shardings: every field's leading (batch) axis over ``("data", "fsdp")``."""
     two, one = batch_sharding(mesh, 2), batch_sharding(mesh, 1)
-    return TrainBatch(tokens=two, positions=two, mask=two, loss_mask=two, sampler_logp=two,
-                      ref_logp=two, advantages=one, rewards=one, group_ids=one, context_ids=one,
-                      temperature=one, completion_budget=one)
+    return TrainBatch(tokens=two, positions=two, mask=two, completion_mask=two, loss_mask=two,
+                      sampler_logp=two, ref_logp=two, advantages=one, rewards=one, group_ids=one,
+                      context_ids=one, temperature=one, completion_budget=one)
 
 
 def shard_batch(batch: TrainBatch, mesh: Mesh) -> TrainBatch:

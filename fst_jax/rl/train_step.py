@@ -203,7 +203,9 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
     Metrics (float32 scalars): loss, loss_policy, entropy, clip_high/clip_low (token fractions),
     grad_norm, logp_diff_mean, logp_diff_max, logp_pearson (sampler vs trainer over completion
     tokens), tokens, reward_mean, lr, applied (1 or 0), skipped (total so far); with beta > 0
-    also kl (token mean of the estimator's value) and loss_kl (the penalty term, beta included).
+    also kl (the estimator's value, a token mean over every completion of the batch, dropped
+    groups included, of policy vs reference log-probs both of logits / the row's sampling
+    temperature) and loss_kl (the penalty term over the rows the loss keeps, beta included).
     """
     opt = make_optimizer(cfg.optimizer)
     schedule = learning_rate(cfg.optimizer)
@@ -273,7 +275,8 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
                    **_masked_stats(mask, logp, batch.sampler_logp)}
         if beta > 0:
             kl_tok = kl_fn(logp, batch.ref_logp)
-            metrics["kl"] = tmean(kl_tok)
+            done = batch.completion_mask
+            metrics["kl"] = jnp.where(done, kl_tok, 0.0).sum() / jnp.maximum(done.sum(), 1)
             metrics["loss_kl"] = beta * weighted_sum(kl_tok, mask, row_w) / denom
         return new_state, metrics
 

@@ -22,14 +22,16 @@ def one_device_mesh():
     return make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
 
 
-def host_batch(seed=0, rows=8, **layout):
-    """8 rows, 4 problems (interleaved), 2 contexts; rewards give every group variance.
+def host_batch(seed=0, rows=8, rewards=None, **layout):
+    """8 rows, 4 problems (interleaved), 2 contexts; the default rewards give problems 0 and 1
+    reward variance (2 and 3 are dropped by default).
     ``layout``: further ``build_train_batch`` keywords (buckets, ``num_rows``, ...)."""
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(1, MODEL.vocab_size, rng.integers(3, 12)) for _ in range(rows)]
     comps = [rng.integers(1, MODEL.vocab_size, rng.integers(2, 14)) for _ in range(rows)]
     logps = [-rng.random(len(c)) * 3 for c in comps]
-    rewards = [float(i % 3 == 0) if i < 4 else float(i % 2) for i in range(rows)]
+    if rewards is None:
+        rewards = [float(i % 3 == 0) if i < 4 else float(i % 2) for i in range(rows)]
     groups = [i % 4 for i in range(rows)]
     return build_train_batch(prompts, comps, logps, rewards, groups, [i % 2 for i in range(rows)],
                              pad_id=0, **layout)

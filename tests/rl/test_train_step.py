@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from fst_jax.rl.advantages import AdvantageConfig
 from fst_jax.rl.batch import shard_batch
+from fst_jax.rl.kl import KL_ESTIMATORS
 from fst_jax.rl.losses import LossConfig
 from fst_jax.rl.train_step import make_ref_logprobs, make_train_step, token_logprobs
 from fst_jax.sharding import MeshConfig, make_mesh
@@ -112,3 +114,22 @@ def test_dr_grpo_loss_and_gradient_do_not_depend_on_the_prompt_bucket():
     (_, small), (_, large) = out
     assert large["loss"] / small["loss"] == pytest.approx(1.0, rel=1e-5)
     _assert_same(out[1], out[0], 1e-5)
+
+
+def test_logged_kl_covers_the_completions_of_dropped_groups_at_their_sampling_temperature(single):
+    """Every group has zero reward variance (all dropped, nothing to train on): the step still
+    logs the KL of all its completions to the reference, under logits / the rows' temperature."""
+    mesh, g, step, ref_fn = single
+    _, state = new_state(CFG, mesh)
+    state, _ = step(state, shard_batch(host_batch(), mesh))  # the policy leaves the reference
+    dropped = host_batch(rewards=[1.0] * 8, temperature=0.5)
+    completions = host_batch(advantage=AdvantageConfig(drop_zero_variance=False)).loss_mask
+    assert not dropped.loss_mask.any() and completions.any()
+    batch = shard_batch(dropped, mesh)
+    model = nnx.merge(g, state.weights())
+    logp = token_logprobs(model, batch.tokens, batch.positions, batch.mask, temperature=batch.temperature)[0]
+    kl_tok = np.asarray(KL_ESTIMATORS[CFG.kl.estimator](logp, ref_fn(state, batch)))
+    expected = kl_tok[completions].mean()
+    _, m = step(state, batch)
+    assert float(m["applied"]) == 0 and expected > 1e-4
+    assert float(m["kl"]) == pytest.approx(expected, rel=1e-4)
