@@ -19,12 +19,17 @@ target model and mesh, compiles the project's ``make_train_step`` ahead of time 
 - ``total``: the largest peak of any program, each ``everything resident + its inputs that are
   not + outputs - aliased + temporaries``.
 
-It raises ``DryRunError`` naming every part when ``total`` exceeds ``device_memory_gib``.
+It raises ``DryRunError`` naming every part and the largest program when ``total`` exceeds
+``device_memory_gib``. Each program also gets its cost per device (``_cost``): FLOPs by formula
+(``fst_jax.roofline``; XLA's own count, which sees each loop body once, is reported beside it),
+bytes, and on a TPU slice a roofline time from the chip's published peaks (``fst_jax.tpu``).
 
-The compile runs in a subprocess (``XLA_FLAGS=--xla_force_host_platform_device_count=N``,
-``JAX_PLATFORMS=cpu``) because JAX fixes the device count when it starts. Temporaries are the
-CPU backend's figure for the same partitioned program: fusion differs on GPU/TPU, so treat them
-as an estimate (weights and optimizer bytes are exact). The sampler is compiled with its layers
+The compile runs in a subprocess (``JAX_PLATFORMS=cpu``) because JAX fixes the device count when
+it starts. With ``topology`` (a TPU slice, e.g. ``v5p:2x2x2``) the devices are libtpu's for that
+slice and the TPU compiler compiles every program, as it would on the pod. Without it they are
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` fake CPU devices: temporaries are then the
+CPU backend's figure for the same partitioned program (fusion differs on GPU/TPU), an estimate;
+weights and optimizer bytes are exact either way. ``compiler`` in the report says which. The sampler is compiled with its layers
 scanned (``unroll_layers`` false unless the config says otherwise), as it runs on an accelerator.
 """
 
@@ -43,9 +48,13 @@ from typing import Any
 
 from fst_jax.config import ConfigError, load_config, require, save_config
 from fst_jax.models.configs import ModelConfig
+from fst_jax.padding import bucket, pow2
 from fst_jax.rl.train_step import LearnerConfig
+from fst_jax.roofline import (decode_step_flops, kv_cache_bytes, prefill_flops, roofline_seconds,
+                              train_step_flops)
 from fst_jax.sampling import SamplingConfig
 from fst_jax.sharding import MeshConfig
+from fst_jax.tpu import parse_topology, require_libtpu, runtime_env
 
 GIB = 1024 ** 3
 
@@ -80,7 +89,8 @@ class DryRunSpec:
     """What the subprocess compiles: a model and learner on ``num_devices`` devices shaped by
     ``mesh``, for a train batch of ``batch_rows`` rows of ``seq_len`` tokens; the sampler's
     programs for each of ``generate`` under ``sampling``; ``sampler_copy``: the loop keeps a
-    copy of the base weights for sampling beside the train state."""
+    copy of the base weights for sampling beside the train state; ``topology``: compile for that
+    TPU slice with libtpu (``fst_jax.tpu``) instead of over fake CPU devices."""
 
     model: ModelConfig = ModelConfig()
     learner: LearnerConfig = LearnerConfig()
@@ -91,8 +101,13 @@ class DryRunSpec:
     sampling: SamplingConfig = SamplingConfig()
     generate: tuple[GenerateShape, ...] = ()
     sampler_copy: bool = False
+    topology: str | None = None
 
     def __post_init__(self):
+        if self.topology is not None:
+            slice_ = parse_topology(self.topology)
+            require(self.num_devices == slice_.devices,
+                    f"topology {self.topology} has {slice_.devices} devices, not {self.num_devices}")
         require(len({g.name for g in self.generate}) == len(self.generate), "generate names must differ")
         require(self.num_devices >= 1, "num_devices must be >= 1")
         require(self.batch_rows >= 1 and self.seq_len >= 2, "batch_rows >= 1 and seq_len >= 2")
@@ -109,21 +124,33 @@ class DryRunSpec:
 
 
 def dry_run(model: ModelConfig, learner: LearnerConfig, mesh: MeshConfig, num_devices: int,
-            batch_rows: int, seq_len: int, device_memory_gib: float, timeout_s: float = 900.0, *,
-            sampling: SamplingConfig = SamplingConfig(), generate: tuple[GenerateShape, ...] = (),
-            sampler_copy: bool = False) -> dict[str, Any]:
+            batch_rows: int, seq_len: int, device_memory_gib: float | None,
+            timeout_s: float = 900.0, *, sampling: SamplingConfig = SamplingConfig(),
+            generate: tuple[GenerateShape, ...] = (), sampler_copy: bool = False,
+            topology: str | None = None) -> dict[str, Any]:
     """Bytes per device of the train state, the compiled train step and the sampler's programs
-    for ``generate`` (see the module docstring). Returns a JSON-able dict: ``bytes`` (per part, per device), ``programs``
-    (each compiled program's memory analysis), ``total_bytes``, ``device_memory_bytes``,
-    ``fits`` (True), the mesh shape and the compile seconds. Raises ``DryRunError`` when the
-    total exceeds ``device_memory_gib`` or the subprocess fails, ``ConfigError`` on a bad spec."""
-    require(device_memory_gib > 0, "device_memory_gib must be positive")
+    for ``generate`` (see the module docstring). Returns a JSON-able dict: ``bytes`` (per part,
+    per device), ``programs`` (each compiled program's memory analysis and cost, see
+    ``_cost``), ``total_bytes``, ``device_memory_bytes``, ``fits`` (True), the mesh shape,
+    ``compiler`` and the compile seconds. With ``topology`` the TPU compiler (libtpu) compiles
+    for that slice and ``device_memory_gib`` defaults to its chip's HBM. Raises ``DryRunError``
+    when the total exceeds the memory or the subprocess fails, ``ConfigError`` on a bad spec or
+    a missing libtpu."""
+    if topology is not None:
+        require_libtpu()
+        slice_ = parse_topology(topology)
+        device_memory_gib = device_memory_gib or slice_.device_memory_bytes / GIB
+    require(device_memory_gib is not None and device_memory_gib > 0,
+            "device_memory_gib must be positive (or name a TPU topology)")
     spec = DryRunSpec(model, learner, mesh, num_devices, batch_rows, seq_len, sampling,
-                      tuple(generate), sampler_copy)
+                      tuple(generate), sampler_copy, topology)
     flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
                    os.environ.get("XLA_FLAGS", ""))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={num_devices}".strip()}
+    if topology is None:
+        flags = f"{flags} --xla_force_host_platform_device_count={num_devices}".strip()
+    # The TPU slice's devices come from libtpu's topology; the process itself stays on CPU.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags,
+           **(runtime_env(slice_) if topology is not None else {})}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "spec.yaml"
         save_config(spec, path)
@@ -135,7 +162,10 @@ def dry_run(model: ModelConfig, learner: LearnerConfig, mesh: MeshConfig, num_de
     if proc.returncode != 0:
         raise DryRunError(f"dry-run compile failed (exit {proc.returncode}):\n"
                           f"{proc.stderr[-4000:]}")
-    return check_fits(json.loads(proc.stdout.strip().splitlines()[-1]), device_memory_gib)
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "refused" in report:
+        raise DryRunError(f"{model.family} model on {num_devices} devices: {report['refused']}")
+    return check_fits(report, device_memory_gib)
 
 
 def check_fits(report: dict[str, Any], device_memory_gib: float) -> dict[str, Any]:
@@ -148,9 +178,11 @@ def check_fits(report: dict[str, Any], device_memory_gib: float) -> dict[str, An
         parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in report["bytes"].items())
         temps = ", ".join(f"{name} temporaries {p['temp_size_in_bytes'] / GIB:.2f}"
                           for name, p in report["programs"].items())
+        worst = max(report["programs"], key=lambda k: report["programs"][k]["peak_bytes"])
         raise DryRunError(
             f"{report['model']} on {report['num_devices']} devices (mesh {report['mesh']}) needs "
-            f"about {report['total_bytes'] / GIB:.2f} GiB per device, over the "
+            f"about {report['total_bytes'] / GIB:.2f} GiB per device ({worst}: "
+            f"{report['total_bytes']} bytes), over the "
             f"{device_memory_gib} GiB configured. Per device (GiB): {parts}; {temps}. Shard "
             f"more (mesh.fsdp), or use micro_batches, logits_chunk, model.remat, LoRA or a "
             f"smaller batch.")
@@ -159,12 +191,17 @@ def check_fits(report: dict[str, Any], device_memory_gib: float) -> dict[str, An
 
 def format_report(report: dict[str, Any]) -> str:
     """A few human-readable lines (GiB per device) of a ``dry_run`` report."""
-    lines = [f"mesh {report['mesh']}: {report['total_bytes'] / GIB:.2f} GiB per device of "
-             f"{report['device_memory_bytes'] / GIB:.2f}"]
+    lines = [f"{report['compiler']}, mesh {report['mesh']}: {report['total_bytes'] / GIB:.2f} GiB "
+             f"per device of {report['device_memory_bytes'] / GIB:.2f}"]
     lines += [f"  {k:<16} {v / GIB:8.3f} GiB" for k, v in report["bytes"].items()]
+    lines.append(f"  {'program':<18} {'temp GiB':>9} {'peak GiB':>9} {'TFLOP':>9} {'XLA TFLOP':>9} "
+                 f"{'XLA GB':>8} {'roofline s':>10}   (per device; XLA counts loop bodies once)")
     for name, p in report["programs"].items():
-        lines.append(f"  {name}: temporaries {p['temp_size_in_bytes'] / GIB:.3f} GiB, "
-                     f"peak {p['peak_bytes'] / GIB:.3f} GiB")
+        t = p.get("roofline_seconds")
+        lines.append(f"  {name:<18} {p['temp_size_in_bytes'] / GIB:9.3f} {p['peak_bytes'] / GIB:9.3f} "
+                     f"{p['flops'] / 1e12:9.3f} {p['xla_flops'] / 1e12:9.3f} {p['xla_bytes'] / 1e9:8.2f} "
+                     f"{'-' if t is None else f'{t:10.4f}':>10}"
+                     + (f"  bytes/step {p['bytes_over_floor']:.1f}x the floor" if "bytes_over_floor" in p else ""))
     return "\n".join(lines)
 
 
@@ -196,6 +233,32 @@ def _memory(compiled, resident: int, resident_args: int) -> dict[str, int]:
     return out
 
 
+def _compiled(name: str, compile_fn):
+    """``compile_fn()``; a compiler that runs out of device memory (the TPU compiler refuses a
+    program whose temporaries exceed HBM) raises ``DryRunError`` naming ``name`` and its bytes."""
+    try:
+        return compile_fn()
+    except Exception as e:  # XlaRuntimeError: its type differs across jaxlib versions
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise DryRunError(f"{name} does not fit: {str(e).splitlines()[0]}") from None
+
+
+def _cost(compiled, flops: float, floor_bytes: float, chip) -> dict[str, float]:
+    """Per device: ``flops`` (by formula, ``fst_jax.roofline``), XLA's ``xla_flops`` and
+    ``xla_bytes`` (loop bodies counted once), ``bytes`` (the larger of XLA's and
+    ``floor_bytes``) and, for a TPU ``chip`` (``fst_jax.tpu.Slice``), ``roofline_seconds``."""
+    ca = compiled.cost_analysis()
+    ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
+    out = {"flops": float(flops), "xla_flops": float(ca.get("flops", 0.0)),
+           "xla_bytes": float(ca.get("bytes accessed", 0.0))}
+    out["bytes"] = max(out["xla_bytes"], float(floor_bytes))
+    if chip is not None:
+        out["roofline_seconds"] = roofline_seconds(out["flops"], out["bytes"], chip.device_flops,
+                                                   chip.device_bandwidth)
+    return out
+
+
 def measure(spec: DryRunSpec) -> dict[str, Any]:
     """Compile and measure in this process (its devices must be ``spec.num_devices``)."""
     import time
@@ -208,8 +271,9 @@ def measure(spec: DryRunSpec) -> dict[str, Any]:
     from fst_jax.rl.batch import TrainBatch, batch_shardings
     from fst_jax.rl.train_step import init_train_state, make_train_step
     from fst_jax.sharding import make_mesh, state_shardings
+    from fst_jax.tpu import topology_devices
 
-    devices = jax.devices()
+    devices = jax.devices() if spec.topology is None else topology_devices(spec.topology)
     if len(devices) != spec.num_devices:
         raise ConfigError(f"this process has {len(devices)} devices, the spec {spec.num_devices}")
     mesh = make_mesh(spec.mesh, devices)
@@ -235,7 +299,8 @@ def measure(spec: DryRunSpec) -> dict[str, Any]:
     programs, seconds = {}, {}
     t0 = time.perf_counter()
     step = make_train_step(box["graphdef"], abstract, spec.learner, mesh)
-    programs["train_step"] = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+    programs["train_step"] = _compiled("train_step", lambda: jax.jit(step, donate_argnums=0)
+                                       .lower(state, batch).compile())
     seconds["train_step"] = time.perf_counter() - t0
     parts = {"weights": _shard_bytes((state.params, state.frozen)),
              "reference": _shard_bytes(state.ref), "lora": _shard_bytes(state.lora),
@@ -244,7 +309,13 @@ def measure(spec: DryRunSpec) -> dict[str, Any]:
              "batch": _shard_bytes(batch)}
     parts["sampler_weights"] = parts["weights"] if spec.sampler_copy else 0
     resident = sum(parts.values())
-    programs = {"train_step": _memory(programs["train_step"], resident, resident)}
+    n, m = spec.num_devices, spec.model
+    chip = None if spec.topology is None else parse_topology(spec.topology)
+    compiled = programs["train_step"]
+    programs = {"train_step": _memory(compiled, resident, resident)}
+    train_floor = programs["train_step"]["argument_size_in_bytes"] + programs["train_step"]["output_size_in_bytes"]
+    programs["train_step"].update(_cost(compiled, train_step_flops(m, spec.learner.kl.beta, B, T) / n,
+                                        train_floor, chip))
     if spec.generate:
         from flax import nnx
 
@@ -257,15 +328,37 @@ def measure(spec: DryRunSpec) -> dict[str, Any]:
         sampler = Sampler(nnx.eval_shape(lambda: init_model(spec.model)),
                           ByteChatTokenizer(cfg.max_context_tokens), cfg, mesh)
         # Full fine-tuning samples from the trained weights themselves; LoRA from a merged copy.
-        held = _shard_bytes(sampler.params) if parts["lora"] == 0 else 0
+        weights = _shard_bytes(sampler.params)
+        held = weights if parts["lora"] == 0 else 0
+        layer_weights = _shard_bytes([x for x in jax.tree.leaves(sampler.params)
+                                      if x.ndim >= 2 and x.shape[0] == m.num_layers])
         for g in spec.generate:
             t0 = time.perf_counter()
-            compiled = sampler.compile_generate(g.contexts, g.prompts_per_context, g.samples,
-                                                g.context_tokens, g.task_tokens, g.new_tokens)
+            compiled = _compiled(f"{g.name}_prefill/decode", lambda g=g: sampler.compile_generate(
+                g.contexts, g.prompts_per_context, g.samples, g.context_tokens, g.task_tokens,
+                g.new_tokens))
             seconds[g.name] = time.perf_counter() - t0
-            for phase, c in compiled.items():
-                programs[f"{g.name}_{phase}"] = _memory(c, resident, held)
-    m = spec.model
+            C, P = pow2(g.contexts), pow2(g.prompts_per_context)
+            Lc, Lt = (bucket(t, cfg.prompt_buckets) for t in (g.context_tokens, g.task_tokens))
+            rows, keys = C * P * g.samples, Lc + Lt + g.new_tokens
+            pre = programs[f"{g.name}_prefill"] = _memory(compiled["prefill"], resident, held)
+            pre.update(_cost(compiled["prefill"], prefill_flops(m, C, P, Lc, Lt) / n,
+                             pre["argument_size_in_bytes"] + pre["output_size_in_bytes"], chip))
+            dec = programs[f"{g.name}_decode"] = _memory(compiled["decode"], resident, held)
+            # One decode step reads the weights and the whole KV cache once; XLA's bytes count
+            # one step and, with the layers scanned, one layer of it.
+            kv = kv_cache_bytes(m, C * Lc + C * P * Lt + rows * g.new_tokens) / n
+            step_floor = weights + kv
+            layers = 1 if cfg.unroll_layers else m.num_layers
+            counted_floor = weights - layer_weights + (layer_weights + kv) / layers
+            dec.update(_cost(compiled["decode"], g.new_tokens * decode_step_flops(m, rows, keys) / n,
+                             g.new_tokens * step_floor, chip))
+            dec["step_floor_bytes"] = step_floor
+            dec["bytes_over_floor"] = dec["xla_bytes"] / counted_floor
+            if chip is not None:  # the compiler's bytes per step, scaled to every layer and step
+                dec["roofline_seconds"] = roofline_seconds(
+                    dec["flops"], g.new_tokens * step_floor * max(1.0, dec["bytes_over_floor"]),
+                    chip.device_flops, chip.device_bandwidth)
     model = f"{m.family} model ({m.num_layers} layers, hidden {m.hidden_size})"
     return {"model": model, "bytes": parts, "programs": programs,
             "total_bytes": max(p["peak_bytes"] for p in programs.values()),
@@ -273,8 +366,12 @@ def measure(spec: DryRunSpec) -> dict[str, Any]:
             "num_params": int(sum(math.prod(x.shape) for x in
                                   jax.tree.leaves((abstract.params, abstract.frozen)))),
             "compile_seconds": {k: round(v, 2) for k, v in seconds.items()},
-            "backend": jax.default_backend()}
+            "compiler": (f"CPU compiler over {n} fake devices (temporaries are estimates)"
+                         if chip is None else f"TPU compiler (libtpu) for {chip.name}")}
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(load_config(DryRunSpec, sys.argv[1]))))
+    try:
+        print(json.dumps(measure(load_config(DryRunSpec, sys.argv[1]))))
+    except DryRunError as e:  # the compiler refused a program for its memory
+        print(json.dumps({"refused": str(e)}))

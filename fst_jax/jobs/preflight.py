@@ -24,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from fst_jax.config import ConfigError, require, require_in_registry
-from fst_jax.dryrun import GenerateShape, check_fits, dry_run
+from fst_jax.dryrun import GIB, GenerateShape, check_fits, dry_run
 from fst_jax.models import configs
 from fst_jax.models.configs import ModelConfig
+from fst_jax.tpu import parse_topology
 
 ARCHITECTURES: dict[str, ModelConfig] = {"qwen3-8b": configs.QWEN3_8B,
                                          "smollm2-135m": configs.SMOLLM2_135M}
@@ -39,12 +40,15 @@ class TargetConfig:
     in ``ARCHITECTURES`` used instead of reading the model folder's config.json;
     ``prompt_tokens``: the longest ``[context | task]`` prompt of a train row (None: the largest
     of ``sampling.prompt_buckets``, which may be far longer when a bucket exists only for GEPA's
-    reflection prompts)."""
+    reflection prompts). ``topology``: a TPU slice (``v5p:2x2x2``, ``v6e:2x4``, see
+    ``fst_jax.tpu``): the dry run compiles with the TPU compiler for it, ``devices`` must be its
+    device count and ``device_memory_gib`` defaults to its chip's HBM."""
 
     devices: int = 1
     device_memory_gib: float | None = None
     architecture: str | None = None
     prompt_tokens: int | None = None
+    topology: str | None = None
 
     def __post_init__(self):
         require(self.devices >= 1, "devices must be >= 1")
@@ -53,6 +57,17 @@ class TargetConfig:
         require(self.prompt_tokens is None or self.prompt_tokens >= 1, "prompt_tokens must be >= 1")
         if self.architecture is not None:
             require_in_registry(self.architecture, ARCHITECTURES, "architecture")
+        if self.topology is not None:
+            slice_ = parse_topology(self.topology)
+            require(self.devices == slice_.devices,
+                    f"target.devices={self.devices} but topology {self.topology} has {slice_.devices}")
+
+    @property
+    def memory_gib(self) -> float | None:
+        """``device_memory_gib``, else the HBM per device of ``topology``'s chip, else None."""
+        if self.device_memory_gib is not None or self.topology is None:
+            return self.device_memory_gib
+        return parse_topology(self.topology).device_memory_bytes / GIB
 
 
 def model_config(job) -> ModelConfig:
@@ -135,20 +150,21 @@ def preflight(job, timeout_s: float = 900.0) -> dict[str, Any]:
     ``ConfigError`` when ``target.device_memory_gib`` is not set, ``DryRunError`` when the
     run does not fit (or the compile fails)."""
     t = job.target
-    if t.device_memory_gib is None:
+    if t.memory_gib is None:
         raise ConfigError("target.device_memory_gib is not set: say how much memory each of the "
                           "target's devices has (e.g. target.device_memory_gib=72 for an H100 at "
-                          "XLA's 90% memory fraction)")
+                          "XLA's 90% memory fraction), or name a TPU slice (target.topology)")
     rows, tokens = batch_shape(job)
     # The loop keeps the sampler's base weights (frozen policy of mode gepa, KL and 2x2 base)
     # beside the train state: as many bytes per device as the weights, sharded the same way.
     report = dry_run(model_config(job), job.learner, job.mesh, t.devices, rows, tokens,
-                     t.device_memory_gib, timeout_s=timeout_s, sampling=job.sampling,
-                     generate=generate_shapes(job), sampler_copy=job.trains_weights)
+                     t.memory_gib, timeout_s=timeout_s, sampling=job.sampling,
+                     generate=generate_shapes(job), sampler_copy=job.trains_weights,
+                     topology=t.topology)
     report["batch_shape"] = [rows, tokens]
     if not job.trains_weights:
         report["note"] = f"mode {job.mode} trains no weights: the train step is never run"
-    return check_fits(report, t.device_memory_gib)
+    return check_fits(report, t.memory_gib)
 
 
 def gepa_round_line(job) -> str | None:

@@ -1,0 +1,114 @@
+"""The dry run on a TPU slice (libtpu's compiler, no TPU attached), the FLOPs formulas against
+XLA's own count on a loop-free model, and the roofline arithmetic on a hand-computed matmul."""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from fst_jax.config import ConfigError
+from fst_jax.dryrun import GIB, DryRunError, GenerateShape, _cost, check_fits, dry_run, format_report
+from fst_jax.jobs.preflight import TargetConfig
+from fst_jax.models import configs
+from fst_jax.rl.kl import KLConfig
+from fst_jax.rl.train_step import LearnerConfig
+from fst_jax.roofline import decode_step_flops, prefill_flops, train_step_flops
+from fst_jax.sampling import SamplingConfig
+from fst_jax.sharding import MeshConfig
+from fst_jax.tpu import CHIPS, INSTALL, parse_topology
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu cannot be imported (pip install -e '.[tpu]')")
+SAMPLING = SamplingConfig(prompt_buckets=(32, 64), max_context_tokens=32)
+
+
+def test_roofline_of_a_matmul_is_the_larger_of_its_compute_and_memory_times():
+    M, K, N = 256, 512, 1024
+    f = jax.jit(lambda a, b: a @ b).lower(jax.ShapeDtypeStruct((M, K), jnp.float32),
+                                          jax.ShapeDtypeStruct((K, N), jnp.float32)).compile()
+    v5e = parse_topology("v5e:2x2")
+    cost = _cost(f, 2 * M * K * N, 4 * (M * K + K * N + M * N), v5e)
+    assert cost["xla_flops"] == 2 * M * K * N
+    assert cost["bytes"] >= 4 * (M * K + K * N + M * N)
+    # 268 MFLOP at 197 TFLOP/s = 1.36 us; >= 3.67 MB at 819 GB/s >= 4.48 us: memory-bound.
+    assert cost["roofline_seconds"] == pytest.approx(max(2 * M * K * N / 197e12, cost["bytes"] / 819e9))
+    assert cost["roofline_seconds"] >= 3.67e6 / 819e9 > 2 * M * K * N / 197e12
+    big = _cost(f, 2 * 8192 ** 3, 3 * 2 * 8192 ** 2, v5e)  # an 8192^3 matmul is compute-bound
+    assert big["roofline_seconds"] == pytest.approx(2 * 8192 ** 3 / 197e12)
+
+
+def test_flops_formulas_match_xla_on_a_model_without_loops():
+    # One layer, one micro-batch, one new token: no loop body for XLA to count only once.
+    cfg = configs.tiny("llama", num_layers=1, hidden_size=256, intermediate_size=512, vocab_size=512,
+                       head_dim=64)
+    g = GenerateShape("rollout", contexts=2, prompts_per_context=2, samples=2, context_tokens=32,
+                      task_tokens=32, new_tokens=1)
+    report = dry_run(cfg, LearnerConfig(kl=KLConfig(beta=0.0)), MeshConfig(fsdp=2), 2, 4, 64, 1.0,
+                     sampling=SAMPLING, generate=(g,))
+    p = report["programs"]
+    assert p["train_step"]["flops"] == train_step_flops(cfg, 0.0, 4, 64) / 2
+    assert p["rollout_prefill"]["flops"] == prefill_flops(cfg, 2, 2, 32, 32) / 2
+    assert p["rollout_decode"]["flops"] == decode_step_flops(cfg, 8, 32 + 32 + 1) / 2
+    # With one layer XLA drops the contexts' work after their keys and values (nothing reads
+    # it); with the layers scanned every layer does it, as the formula counts.
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    dead = 2 * 32 * (2 * (2 * D * q + 3 * D * F) + 4 * 32 * q) / 2
+    live = {"train_step": p["train_step"]["flops"], "rollout_decode": p["rollout_decode"]["flops"],
+            "rollout_prefill": p["rollout_prefill"]["flops"] - dead}
+    for name, flops in live.items():
+        # XLA also counts the element-wise work (norms, softmax, optimizer): a little more.
+        assert 1.0 <= p[name]["xla_flops"] / flops < 1.3, name
+
+
+def test_target_topology_sets_devices_and_memory_from_the_chip_table():
+    t = TargetConfig(devices=8, topology="v5p:2x2x2")
+    assert t.memory_gib == pytest.approx(95e9 / GIB)
+    assert TargetConfig(devices=16, topology="v4:2x2x2").memory_gib == pytest.approx(16.0)
+    assert parse_topology("v6e:2x4").accelerator_type == "v6e-8"
+    assert parse_topology("v5p:2x2x2").accelerator_type == "v5p-16"
+    assert CHIPS["v6e"].bf16_flops == 918e12
+    with pytest.raises(ConfigError, match="topology v5p:2x2x2 has 8"):
+        TargetConfig(devices=4, topology="v5p:2x2x2")
+    with pytest.raises(ConfigError, match="chip 'v9' is not one of"):
+        TargetConfig(devices=4, topology="v9:2x2")
+
+
+def test_a_missing_libtpu_is_one_line_naming_the_install(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[tpu\]'") as e:
+        dry_run(configs.tiny("llama"), LearnerConfig(), MeshConfig(fsdp=4), 4, 4, 32, None,
+                topology="v5e:2x2")
+    assert str(e.value) == INSTALL
+
+
+@needs_libtpu
+def test_tiny_train_step_and_sampler_programs_compile_for_v5e_2x2():
+    cfg = configs.tiny("qwen3")
+    # 16 x 256 x 32 rows x 2048 new tokens of keys and values: 2 x 2 layers x 131072 x 2 kv heads
+    # x 2048 x 24 x 4 bytes = 206 GB of per-sample caches, over 50 GB per chip of v5e's 16.
+    shapes = (GenerateShape("rollout", 2, 4, 2, 32, 32, 16), GenerateShape("eval", 2, 8, 1, 32, 32, 16),
+              GenerateShape("reflection", 1, 2, 1, 32, 64, 32))
+    report = dry_run(cfg, LearnerConfig(micro_batches=2), MeshConfig(fsdp=4), 4, 8, 64, None,
+                     sampling=SAMPLING, generate=shapes, sampler_copy=True, topology="v5e:2x2")
+    assert report["compiler"] == "TPU compiler (libtpu) for v5e:2x2"
+    assert report["device_memory_bytes"] == int(16e9)
+    p = report["programs"]
+    assert set(p) == {"train_step"} | {f"{g.name}_{x}" for g in shapes for x in ("prefill", "decode")}
+    assert all(q["roofline_seconds"] > 0 and q["xla_bytes"] > 0 for q in p.values())
+    assert p["rollout_decode"]["bytes_over_floor"] > 0
+    assert "TPU compiler" in format_report(report) and "roofline" in format_report(report)
+    # A v5e chip holds 16 GB; the program's peak must stay under the published figure.
+    with pytest.raises(DryRunError, match=r"\(train_step: \d+ bytes\), over the 0\.0001"):
+        check_fits(report, 1e-4)
+
+
+@needs_libtpu
+def test_a_batch_too_large_for_its_slice_is_refused_naming_the_program_and_its_bytes():
+    # 4096 rows of 4096 tokens: terabytes of activations per v5e chip of 16 GB. The TPU compiler
+    # itself refuses the program.
+    with pytest.raises(DryRunError, match=r"train_step does not fit: .*temporaries "
+                                          r"\(\d+\.\d+[GT]\) exceeds available HBM"):
+        dry_run(configs.tiny("llama"), LearnerConfig(), MeshConfig(fsdp=4), 4, 4096, 4096, None,
+                topology="v5e:2x2")
