@@ -25,7 +25,8 @@ def _write_run(folder: Path, mode: str, steps, means, kls, reward=0.5, finished=
     with open(folder / "eval.jsonl", "w") as f:
         for s, m, k in zip(steps, means, kls):
             f.write(json.dumps({"step": s, "mode": mode, "eval/mean@4": m, "eval/pass@1": m / 2,
-                                "eval/kl_to_base": k, "eval/ood/arithmetic/mean@4": 0.1}) + "\n")
+                                "eval/kl_to_base": k, "eval/kl_to_base_original": 2 * k,
+                                "eval/ood/arithmetic/mean@4": 0.1}) + "\n")
     if finished:
         (folder / "result.json").write_text(json.dumps({"steps_done": max(steps), "steps": max(steps)}))
     if mode != "rl":
@@ -80,7 +81,8 @@ def test_kl_at_matched_reward_takes_the_highest_reward_both_weight_runs_reached(
     runs = {m: Run.read(tmp_path / m, m) for m in ("rl", "fst")}
     out = kl_at_matched_reward(runs, "eval/mean@4")
     # rl peaked at 0.4: rl first reached it at step 20 (KL 0.05), fst at step 10 (KL 0.01).
-    assert out == {"reward": 0.4, "kl": {"rl": 0.05, "fst": 0.01}, "step": {"rl": 20, "fst": 10}}
+    assert out == {"reward": 0.4, "kl": {"rl": 0.05, "fst": 0.01}, "kl_original": {"rl": 0.1, "fst": 0.02},
+                   "step": {"rl": 20, "fst": 10}}
 
 
 def test_kl_at_matched_reward_never_matches_the_untrained_step_0_evaluation(tmp_path):
@@ -88,7 +90,8 @@ def test_kl_at_matched_reward_never_matches_the_untrained_step_0_evaluation(tmp_
     _write_run(tmp_path / "rl", "rl", [0, 6, 12], [0.23, 0.12, 0.25], [0.0, 0.008, 0.018])
     _write_run(tmp_path / "fst", "fst", [0, 6, 12], [0.23, 0.10, 0.11], [0.0, 0.004, 0.010])
     out = kl_at_matched_reward({m: Run.read(tmp_path / m, m) for m in ("rl", "fst")}, "eval/mean@4")
-    assert out == {"reward": 0.11, "kl": {"rl": 0.008, "fst": 0.010}, "step": {"rl": 6, "fst": 12}}
+    assert out == {"reward": 0.11, "kl": {"rl": 0.008, "fst": 0.010}, "kl_original": {"rl": 0.016, "fst": 0.02},
+                   "step": {"rl": 6, "fst": 12}}
 
 
 def test_report_on_hand_made_runs_has_peak_steps_fits_ood_and_figures(tmp_path):
@@ -114,6 +117,7 @@ def test_report_on_hand_made_runs_has_peak_steps_fits_ood_and_figures(tmp_path):
         assert (report / fig).stat().st_size > 0 and fig in summary["figures"]
     md = (report / "summary.md").read_text()
     assert f"{n['fst']['sigmoid']['A']:.4f}" in md and "best fst context" in md and "never" in md
+    assert "| KL, evaluated context | KL, original prompt |" in md
     assert json.loads((report / "summary.json").read_text()) == json.loads(json.dumps(summary))
 
 
@@ -246,8 +250,9 @@ def test_compare_runs_rl_gepa_fst_on_the_smoke_config_and_reports_the_2x2(tmp_pa
     assert {"reward_vs_step.png", "kl_vs_reward.png"} <= set(summary["figures"])
     assert (tmp_path / "report" / "summary.md").exists()
     rows = {r["quantity"]: r for r in summary["evidence"]["rows"]}
-    assert {"fst-rl: final mean@1", "fst: 2x2 trained/evolved", "fst: KL at matched mean@1 (original prompt)",
-            "gepa: final ood/arithmetic mean@1"} <= set(rows)
+    assert {"fst-rl: final mean@1", "fst: KL at matched mean@1 (original prompt)",
+            "gepa-rl: final ood/arithmetic mean@1"} <= set(rows)
+    assert not any("2x2" in q for q in rows)  # eval.two_by_two is off: the report sampled its 2x2
     assert (tmp_path / "report" / "evidence.md").exists()
     # Rerunning finds every mode finished: nothing trains, the report is rebuilt.
     monkeypatch.setattr(compare, "run_train_job", lambda *a, **k: pytest.fail("trained again"))

@@ -181,17 +181,22 @@ def mean_key(runs: Mapping[str, Run]) -> str:
 
 def kl_at_matched_reward(runs: Mapping[str, Run], key: str) -> dict[str, Any]:
     """KL to the base model at the highest mean@k that every weight-training run reached after
-    training began: for each such run, ``eval/kl_to_base`` at its first evaluation after step 0
-    with mean@k >= that level (step 0 holds the base weights, whose KL is 0 by definition)."""
+    training began: for each such run, at its first evaluation after step 0 with mean@k >= that
+    level (step 0 holds the base weights, whose KL is 0 by definition), ``eval/kl_to_base`` (KL
+    under the run's evaluated context, where its mean@k is) as ``kl`` and
+    ``eval/kl_to_base_original`` (under the original prompt; absent in older logs) as
+    ``kl_original``."""
     curves = {m: [(r["step"], float(r[key]), float(r["eval/kl_to_base"])) for r in run.eval
                   if r["step"] > 0 and r.get(key) is not None and r.get("eval/kl_to_base") is not None]
               for m, run in runs.items() if m in ("rl", "fst")}
     curves = {m: sorted(c) for m, c in curves.items() if c}
     if not curves:
-        return {"reward": None, "kl": {}, "step": {}}
+        return {"reward": None, "kl": {}, "kl_original": {}, "step": {}}
     level = min(max(v for _, v, _ in c) for c in curves.values())
     first = {m: next(p for p in c if p[1] >= level) for m, c in curves.items()}
+    original = {m: {r["step"]: r.get("eval/kl_to_base_original") for r in runs[m].eval} for m in first}
     return {"reward": level, "kl": {m: p[2] for m, p in first.items()},
+            "kl_original": {m: original[m].get(p[0]) for m, p in first.items()},
             "step": {m: p[0] for m, p in first.items()}}
 
 
@@ -414,9 +419,12 @@ def _markdown(summary: dict[str, Any]) -> str:
         lines.append("No weight-training run logged eval/kl_to_base after step 0.")
     else:
         lines.append(f"Highest {key} that every weight-training run reached after step 0 (the base "
-                     f"weights): {_num(kl['reward'])}.")
-        lines += ["", "| mode | step | KL(pi_theta \\|\\| pi_base) per token |", "|---|---|---|"]
-        lines += [f"| {m} | {kl['step'][m]} | {_num(v, 6)} |" for m, v in kl["kl"].items()]
+                     f"weights): {_num(kl['reward'])}. Exact KL(pi_theta \\|\\| pi_base) per token on "
+                     f"{summary['kl_samples']} samples per problem, under the run's evaluated context (where "
+                     f"its {key} is) and under the original prompt.")
+        lines += ["", "| mode | step | KL, evaluated context | KL, original prompt |", "|---|---|---|---|"]
+        lines += [f"| {m} | {kl['step'][m]} | {_num(v, 6)} | {_num(kl['kl_original'][m], 6)} |"
+                  for m, v in kl["kl"].items()]
     lines += ["", "## 2x2: weights x context (greedy pass@1)", ""]
     tbt = summary["two_by_two"]
     if "table" in tbt:
@@ -535,6 +543,7 @@ def _run_report(job: TrainJob, runs: Mapping[str, Run], out: Path, two_by_two: b
         "task": " -> ".join(st.task for st in job.stages()), "model": job.model, "steps": job.steps, "modes": list(runs),
         "problems_per_step": job.problems_per_step, "samples_per_problem": job.samples_per_problem,
         "eval_examples": job.eval.num_examples, "eval_every": job.eval.every, "reward_key": key,
+        "kl_samples": job.eval.kl_samples,
         "per_mode": per_mode, "steps_to_rl_peak": peak,
         "kl_at_matched_reward": kl_at_matched_reward(runs, key), "two_by_two": tbt,
         "continual": continual,
