@@ -528,7 +528,8 @@ def plot_metrics(rows: Sequence[Mapping[str, Any]], out_dir: str | Path,
                  reward_key: str | None = None) -> list[Path]:
     """PNG plots of metrics rows (dicts with "step", optional "mode", and ``eval/...`` keys;
     one line per mode): ``reward_vs_step.png`` (running max of ``reward_key``, default the
-    ``eval/mean@k`` key) and, when rows carry ``eval/kl_to_base``, ``kl_vs_reward.png``.
+    ``eval/mean@k`` key) and, when rows carry ``eval/kl_to_base``, ``kl_vs_reward.png`` (each
+    point labelled with its step).
     Returns the files written."""
     from matplotlib.figure import Figure  # no pyplot: no global backend state
 
@@ -545,13 +546,17 @@ def plot_metrics(rows: Sequence[Mapping[str, Any]], out_dir: str | Path,
     ax.legend()
     written.append(out_dir / "reward_vs_step.png")
     fig.savefig(written[-1], dpi=120)
-    kl = _by_mode(rows, key, "eval/kl_to_base")
+    kl = _by_mode(rows, key, "eval/kl_to_base", "step")
     if kl:
         fig = Figure(figsize=(6, 4), layout="constrained")
         ax = fig.subplots()
         for mode, pts in kl.items():
-            ax.scatter(*zip(*pts), label=mode, s=14)
-        ax.set(xlabel=key, ylabel="KL(pi_theta || pi_base) per token", title="KL vs reward")
+            x, y, _ = zip(*pts)
+            ax.scatter(x, y, label=mode, s=14)
+            for xi, yi, step in pts:
+                ax.annotate(f"{step:g}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set(xlabel=key, ylabel="KL(pi_theta || pi_base) per token",
+               title="KL (evaluated context) vs reward; labels: step")
         ax.legend()
         written.append(out_dir / "kl_vs_reward.png")
         fig.savefig(written[-1], dpi=120)
