@@ -202,6 +202,12 @@ def format_report(report: dict[str, Any]) -> str:
                      f"{p['flops'] / 1e12:9.3f} {p['xla_flops'] / 1e12:9.3f} {p['xla_bytes'] / 1e9:8.2f} "
                      f"{'-' if t is None else f'{t:10.4f}':>10}"
                      + (f"  bytes/step {p['bytes_over_floor']:.1f}x the floor" if "bytes_over_floor" in p else ""))
+    lines.append("  compile seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["compile_seconds"].items()))
+    if "forecast" in report:
+        from fst_jax.forecast import format_forecast
+
+        lines.append(format_forecast(report["forecast"]))
+        lines.append(f"  (report and forecast as JSON: {report['json']})")
     return "\n".join(lines)
 
 

@@ -2,6 +2,7 @@
 XLA's own count on a loop-free model, and the roofline arithmetic on a hand-computed matmul."""
 
 import importlib.util
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -112,3 +113,32 @@ def test_a_batch_too_large_for_its_slice_is_refused_naming_the_program_and_its_b
                                           r"\(\d+\.\d+[GT]\) exceeds available HBM"):
         dry_run(configs.tiny("llama"), LearnerConfig(), MeshConfig(fsdp=4), 4, 4096, 4096, None,
                 topology="v5e:2x2")
+
+
+def test_forecast_prices_each_phase_of_the_loop_from_the_programs_roofline_times():
+    from fst_jax.config import load_config
+    from fst_jax.forecast import format_forecast, forecast
+    from fst_jax.jobs.preflight import batch_shape, eval_requests, generate_shapes
+    from fst_jax.jobs.train import TrainJob
+
+    job = load_config(TrainJob, Path(__file__).parents[1] / "experiments" / "codeio_pod.yaml")
+    seconds = {"train_step": 3.0, "rollout_prefill": 1.0, "rollout_decode": 9.0, "eval_prefill": 2.0,
+               "eval_decode": 14.0, "reflection_prefill": 0.5, "reflection_decode": 4.5}
+    rows, tokens = batch_shape(job)
+    report = {"programs": {k: {"roofline_seconds": v} for k, v in seconds.items()},
+              "batch_shape": [rows, tokens], "num_params": 8_000_000_000}
+    f = forecast(job, report)
+    assert f["rl_step"] == {"rollout": 10.0, "train": 3.0, "total": 13.0}
+    labels, chunk = eval_requests(job)
+    assert f["evaluation"] == pytest.approx(-(-len(labels) // chunk) * 16.0)
+    ev = {g.name: g for g in generate_shapes(job)}["eval"]
+    g = job.fast.gepa  # 960 metric calls + 4 contexts re-scored on 32 x 6 anchor problems
+    assert f["gepa_round"]["metric_calls"] == 960 + 4 * 32 * 6
+    per_completion = 16.0 / (ev.contexts * ev.prompts_per_context * ev.samples)
+    assert f["gepa_round"]["scoring"] == pytest.approx(f["gepa_round"]["metric_calls"] * per_completion)
+    assert f["gepa_round"]["proposals"] == min(g.max_proposals, 960 // (2 * g.minibatch_size))
+    assert f["cycle"] == pytest.approx(6 * 13.0 + f["gepa_round"]["total"] + f["evaluation"] * 6 / 30)
+    assert f["run"]["total"] == pytest.approx(1500 * 13.0 + 250 * f["gepa_round"]["total"] + 50 * f["evaluation"])
+    # 6 x 8e9 x 256 x 3072 tokens over 8 chips in 3 s at 459 TFLOP/s each
+    assert f["train_mfu"] == pytest.approx(6 * 8e9 * rows * tokens / 8 / (3.0 * 459e12))
+    assert "not a measurement" in format_forecast(f)

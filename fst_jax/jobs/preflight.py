@@ -116,6 +116,19 @@ def _largest_chunk(contexts: list[str], chunk: int) -> tuple[int, int]:
     return best
 
 
+def eval_requests(job) -> tuple[list[str], int]:
+    """The context label of each prompt of one evaluation (the best context and the original
+    prompt on ``eval.num_examples`` examples, then each OOD task's) and the prompts per call."""
+    from fst_jax.sampling import chunk_size
+
+    ev = job.eval
+    main = ["best", "original"] if job.evolves_contexts else ["original"]
+    labels = [c for _ in range(ev.num_examples) for c in main]
+    labels += [t for t in ev.ood_tasks for _ in range(ev.num_examples)]
+    devices = job.mesh.data_size(job.target.devices) * job.mesh.fsdp
+    return labels, chunk_size(len(labels), job.sampling.max_prompts_per_batch, devices)
+
+
 def generate_shapes(job) -> tuple[GenerateShape, ...]:
     """The loop's largest sampler requests: the rollout (K contexts x ``problems_per_step``
     prompts x G/K samples), the evaluation's sampled call (the best context and the original
@@ -123,8 +136,6 @@ def generate_shapes(job) -> tuple[GenerateShape, ...]:
     largest ``generate_text`` chunk) and, for a policy reflector, ``parallel_proposals``
     meta-prompts in the largest prompt bucket. A prompt is ``target.prompt_tokens`` (default: the
     largest bucket) long, its context up to ``sampling.max_context_tokens`` of it."""
-    from fst_jax.sampling import chunk_size
-
     s, ev, gepa = job.sampling, job.eval, job.fast.gepa
     prompt = max(s.prompt_buckets) if job.target.prompt_tokens is None else job.target.prompt_tokens
     context = min(s.max_context_tokens, prompt - 1)
@@ -132,11 +143,8 @@ def generate_shapes(job) -> tuple[GenerateShape, ...]:
     shapes = [GenerateShape("rollout", K, job.problems_per_step, job.samples_per_problem // K,
                             context, prompt - context, s.max_new_tokens)]
     if ev.every > 0:
-        main = ["best", "original"] if job.evolves_contexts else ["original"]
-        labels = [c for _ in range(ev.num_examples) for c in main]
-        labels += [t for t in ev.ood_tasks for _ in range(ev.num_examples)]
-        devices = job.mesh.data_size(job.target.devices) * job.mesh.fsdp
-        contexts, prompts = _largest_chunk(labels, chunk_size(len(labels), s.max_prompts_per_batch, devices))
+        labels, chunk = eval_requests(job)
+        contexts, prompts = _largest_chunk(labels, chunk)
         shapes.append(GenerateShape("eval", contexts, prompts, ev.k, context, prompt - context,
                                     ev.max_new_tokens or s.max_new_tokens))
     if job.evolves_contexts and gepa.reflection.backend == "policy":
@@ -164,6 +172,14 @@ def preflight(job, timeout_s: float = 900.0) -> dict[str, Any]:
     report["batch_shape"] = [rows, tokens]
     if not job.trains_weights:
         report["note"] = f"mode {job.mode} trains no weights: the train step is never run"
+    if t.topology is not None:
+        from fst_jax.forecast import forecast
+
+        report["forecast"] = forecast(job, report)
+        out = Path(job.output_dir) / "dry_run.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+        report["json"] = str(out)
     return check_fits(report, t.memory_gib)
 
 
