@@ -68,7 +68,9 @@ def _counts(idx: np.ndarray, n: int) -> np.ndarray:
 class Logs:
     """The per-problem logs of ``runs`` (``{seed: {mode: Run}}``) as arrays ``[S, P, T]``:
     ``scores[key][mode]`` (per-problem mean over samples), ``kl[key][mode]`` (per-problem KL sum
-    over its sampled tokens) and ``tokens[key][mode]``; ``steps`` (T), ``seeds``, ``problems``."""
+    over its sampled tokens) and ``tokens[key][mode]``; ``steps`` (T), ``seeds``, ``problems``.
+    Seeds where some mode has no log yet are left out, and only the evaluation steps every run
+    shares are kept: while a run is unfinished, "final" is the last step all runs reached."""
 
     def __init__(self, runs: Mapping[int, Mapping[str, Any]]):
         logs = {s: {m: read_jsonl(Path(r.folder) / "eval_problems.jsonl") for m, r in rs.items()}
@@ -220,13 +222,16 @@ def markdown(ev: dict[str, Any]) -> str:
 def write_evidence(job: Any, runs: Mapping[int, Mapping[str, Any]], out: Path) -> dict[str, Any] | None:
     """``out/evidence.md``, ``evidence.json`` and their figures for a ``CompareJob``'s runs
     (``{seed: {mode: Run}}``); returns the evidence, or None when no run has per-problem logs
-    yet or the job is a task schedule (its stages evaluate different problems)."""
+    yet, the job is a task schedule (its stages evaluate different problems) or it evaluates
+    fewer than 2 problems."""
     from fst_jax.report.figures import plot_kl_vs_reward, plot_seed_curves
 
     if len(job.stages()) > 1 or not any((Path(r.folder) / "eval_problems.jsonl").exists()
                                         for rs in runs.values() for r in rs.values()):
         return None
     logs = Logs(runs)
+    if logs.problems < 2:
+        return None
     stated = {name: "yes" for name in job.comparisons}
     if job.primary_metric:
         stated[job.primary_metric] = "primary"
