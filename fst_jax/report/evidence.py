@@ -192,10 +192,11 @@ def evidence(logs: Logs, k: int, every: int, stated: Mapping[str, str], *, resam
             "rows": rows, "pre_stated_not_reported": missing}
 
 
-def _fmt(v: float | None, never: float, digits: int = 4) -> str:
-    if v is None:
-        return "-"
-    return "never" if v >= never else f"{v:.{digits}g}" if abs(v) < 1e-3 and v else f"{v:.{digits}f}"
+def _fmt(v: float, never: float) -> str:
+    """A value; a step count (``never`` finite) as "never" from ``never`` on."""
+    if np.isfinite(never):
+        return "never" if v >= never else f"{v:g}"
+    return f"{v:.4g}" if abs(v) < 1e-3 and v else f"{v:.4f}"
 
 
 def markdown(ev: dict[str, Any]) -> str:
