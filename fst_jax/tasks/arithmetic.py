@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import re
+from typing import Sequence
 
 from fst_jax.config import require
 from fst_jax.tasks.base import DEFAULT_SEED_CONTEXT, Example, in_test_split, register_task
@@ -66,15 +67,21 @@ def _show(x: float) -> str:
 
 @register_task("arithmetic")
 class ArithmeticTask:
-    """One-step arithmetic word problems with small operands."""
+    """One-step arithmetic word problems with small operands (``operators``: which of ``+ - *``).
+    Train and test problems are disjoint (a hash of the prompt picks the split); the test split's
+    problems are distinct (validation statistics count problems), the train split is a stream
+    drawn with replacement."""
 
     name = "arithmetic"
 
     def __init__(self, test_fraction: float = 0.5, seed_context: str = DEFAULT_SEED_CONTEXT,
-                 original_prompt: str = ORIGINAL_PROMPT):
+                 original_prompt: str = ORIGINAL_PROMPT, operators: Sequence[str] = ("+", "-", "*")):
         require(0.0 < test_fraction < 1.0, "test_fraction must be in (0, 1)")
+        require(len(operators) > 0 and set(operators) <= {"+", "-", "*"},
+                f"operators must be a non-empty subset of + - *, got {list(operators)}")
         self.test_fraction = float(test_fraction)
         self.seed_context, self.original_prompt = str(seed_context), str(original_prompt)
+        self.templates = [(op, t) for op, t in TEMPLATES if op in operators]
 
     def examples(self, split: str, n: int, seed: int = 0) -> list[Example]:
         """``n`` problems of ``split`` ("train" or "test"); ids are ``arith-{split}-{seed}-{i}``.
@@ -83,14 +90,18 @@ class ArithmeticTask:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
         rng = random.Random(f"{split}:{seed}")
         out: list[Example] = []
+        seen: set[str] = set()
         for _ in range(200 * n + 1000):
             if len(out) == n:
                 break
-            op, template = TEMPLATES[rng.randrange(len(TEMPLATES))]
+            op, template = self.templates[rng.randrange(len(self.templates))]
             a, b = _operands(op, rng)
             prompt = template.format(a=a, b=b)
             if in_test_split(prompt, self.test_fraction) != (split == "test"):
                 continue
+            if split == "test" and prompt in seen:
+                continue
+            seen.add(prompt)
             value = {"+": a + b, "-": a - b, "*": a * b}[op]
             out.append(Example(id=f"arith-{split}-{seed}-{len(out)}", prompt=prompt, answer=str(value),
                                metadata={"a": a, "b": b, "op": op, "expression": f"{a} {op} {b}"}))

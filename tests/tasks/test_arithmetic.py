@@ -4,7 +4,7 @@ import pytest
 
 from fst_jax.config import ConfigError
 from fst_jax.tasks import TASKS, Example, make_task, safe_reward
-from fst_jax.tasks.arithmetic import parse_answer
+from fst_jax.tasks.arithmetic import ArithmeticTask, parse_answer
 
 EX = Example("e0", "Mia has 17 marbles. Her friend gives her 25 more. How many marbles does Mia have now?", "42",
              {"a": 17, "b": 25, "op": "+", "expression": "17 + 25"})
@@ -105,3 +105,18 @@ def test_unknown_task_name_lists_registered_ones():
     assert "arithmetic" in TASKS
     with pytest.raises(ConfigError, match="arithmetic"):
         make_task("nope")
+
+
+def test_test_split_problems_are_distinct_and_train_split_stays_a_stream():
+    task = ArithmeticTask()
+    test = [e.prompt for e in task.examples("test", 256)]
+    assert len(set(test)) == 256  # each validation problem counts once in the statistics
+    train = [e.prompt for e in task.examples("train", 9600)]
+    assert len(train) == 9600 and not set(train) & set(test)
+
+
+def test_operators_restrict_the_problems_and_unknown_ones_are_refused():
+    ops = {e.metadata["op"] for e in ArithmeticTask(operators=["+", "-"]).examples("test", 200)}
+    assert ops == {"+", "-"}
+    with pytest.raises(ConfigError, match="operators"):
+        ArithmeticTask(operators=["/"])
