@@ -195,11 +195,12 @@ def format_report(report: dict[str, Any]) -> str:
              f"per device of {report['device_memory_bytes'] / GIB:.2f}"]
     lines += [f"  {k:<16} {v / GIB:8.3f} GiB" for k, v in report["bytes"].items()]
     lines.append(f"  {'program':<18} {'temp GiB':>9} {'peak GiB':>9} {'TFLOP':>9} {'XLA TFLOP':>9} "
-                 f"{'XLA GB':>8} {'roofline s':>10}   (per device; XLA counts loop bodies once)")
+                 f"{'XLA GB':>8} {'coll. GB':>8} {'roofline s':>10}   (per device; XLA counts loop bodies once)")
     for name, p in report["programs"].items():
         t = p.get("roofline_seconds")
         lines.append(f"  {name:<18} {p['temp_size_in_bytes'] / GIB:9.3f} {p['peak_bytes'] / GIB:9.3f} "
                      f"{p['flops'] / 1e12:9.3f} {p['xla_flops'] / 1e12:9.3f} {p['xla_bytes'] / 1e9:8.2f} "
+                     f"{p['xla_collective_bytes'] / 1e9:8.2f} "
                      f"{'-' if t is None else f'{t:10.4f}':>10}"
                      + (f"  bytes/step {p['bytes_over_floor']:.1f}x the floor" if "bytes_over_floor" in p else ""))
     lines.append("  compile seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in report["compile_seconds"].items()))
@@ -250,6 +251,22 @@ def _compiled(name: str, compile_fn):
         raise DryRunError(f"{name} does not fit: {str(e).splitlines()[0]}") from None
 
 
+_COLLECTIVE = re.compile(r"= (\([^)]*\)|\S+) (?:all-gather|all-reduce|reduce-scatter|all-to-all|"
+                         r"collective-permute)(?:-start)?\(")
+
+
+def collective_bytes(hlo: str) -> int:
+    """Bytes of the results of the collectives (all-gather, all-reduce, reduce-scatter,
+    all-to-all, collective-permute; of an async ``-start``, its last tuple element: the result)
+    in compiled HLO text, each loop body counted once."""
+    total = 0
+    for result in _COLLECTIVE.findall(hlo):
+        dtype, dims = re.findall(r"(\w+)\[([\d,]*)\]", result)[-1]
+        bits = int(re.sub(r"\D", "", dtype) or 8)  # pred: a byte
+        total += math.prod(int(d) for d in dims.split(",") if d) * max(1, bits // 8)
+    return total
+
+
 def _cost(compiled, flops: float, floor_bytes: float, chip) -> dict[str, float]:
     """Per device: ``flops`` (by formula, ``fst_jax.roofline``), XLA's ``xla_flops`` and
     ``xla_bytes`` (loop bodies counted once), ``bytes`` (the larger of XLA's and
@@ -257,7 +274,8 @@ def _cost(compiled, flops: float, floor_bytes: float, chip) -> dict[str, float]:
     ca = compiled.cost_analysis()
     ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
     out = {"flops": float(flops), "xla_flops": float(ca.get("flops", 0.0)),
-           "xla_bytes": float(ca.get("bytes accessed", 0.0))}
+           "xla_bytes": float(ca.get("bytes accessed", 0.0)),
+           "xla_collective_bytes": float(collective_bytes(compiled.as_text()))}
     out["bytes"] = max(out["xla_bytes"], float(floor_bytes))
     if chip is not None:
         out["roofline_seconds"] = roofline_seconds(out["flops"], out["bytes"], chip.device_flops,
@@ -361,10 +379,11 @@ def measure(spec: DryRunSpec) -> dict[str, Any]:
                              g.new_tokens * step_floor, chip))
             dec["step_floor_bytes"] = step_floor
             dec["bytes_over_floor"] = dec["xla_bytes"] / counted_floor
-            if chip is not None:  # the compiler's bytes per step, scaled to every layer and step
-                dec["roofline_seconds"] = roofline_seconds(
-                    dec["flops"], g.new_tokens * step_floor * max(1.0, dec["bytes_over_floor"]),
-                    chip.device_flops, chip.device_bandwidth)
+            # The compiler's bytes per step, scaled to every layer and step.
+            dec["bytes"] = g.new_tokens * step_floor * max(1.0, dec["bytes_over_floor"])
+            if chip is not None:
+                dec["roofline_seconds"] = roofline_seconds(dec["flops"], dec["bytes"],
+                                                           chip.device_flops, chip.device_bandwidth)
     model = f"{m.family} model ({m.num_layers} layers, hidden {m.hidden_size})"
     return {"model": model, "bytes": parts, "programs": programs,
             "total_bytes": max(p["peak_bytes"] for p in programs.values()),

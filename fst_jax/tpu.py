@@ -104,9 +104,11 @@ def parse_topology(name: str) -> Slice:
 
 def runtime_env(slice_: Slice) -> dict[str, str]:
     """Environment for a process that compiles for ``slice_`` without a TPU: no metadata-server
-    query, a named accelerator type, one local worker."""
+    query, a named accelerator type, one local worker, and no libtpu lockfile (which lets one
+    process at a time load libtpu: concurrent dry runs, e.g. tests under xdist, would abort)."""
     return {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": slice_.accelerator_type,
-            "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0"}
+            "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0",
+            "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
 def require_libtpu() -> None:

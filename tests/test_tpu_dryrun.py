@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import pytest
 
 from fst_jax.config import ConfigError
-from fst_jax.dryrun import GIB, DryRunError, GenerateShape, _cost, check_fits, dry_run, format_report
+from fst_jax.dryrun import (GIB, DryRunError, GenerateShape, _cost, check_fits, collective_bytes, dry_run,
+                            format_report)
 from fst_jax.jobs.preflight import TargetConfig
 from fst_jax.models import configs
 from fst_jax.rl.kl import KLConfig
@@ -37,6 +38,38 @@ def test_roofline_of_a_matmul_is_the_larger_of_its_compute_and_memory_times():
     assert cost["roofline_seconds"] >= 3.67e6 / 819e9 > 2 * M * K * N / 197e12
     big = _cost(f, 2 * 8192 ** 3, 3 * 2 * 8192 ** 2, v5e)  # an 8192^3 matmul is compute-bound
     assert big["roofline_seconds"] == pytest.approx(2 * 8192 ** 3 / 197e12)
+
+
+def test_collective_bytes_sum_the_results_of_every_collective_in_the_hlo():
+    hlo = ("  %a = f32[8,512]{1,0:T(8,128)} all-reduce(%x), channel_id=1\n"
+           "  %b = (bf16[4,2]{1,0}, bf16[32,2]{1,0}) all-gather-start(%y)\n"
+           "  %c = s32[2,2]{1,0} reduce-scatter(%z)\n  %d = pred[3]{0} all-to-all(%w)\n"
+           "  %e = f32[1000]{0} add(%a, %a)\n")
+    assert collective_bytes(hlo) == 8 * 512 * 4 + 32 * 2 * 2 + 2 * 2 * 4 + 3  # a -start: its result
+
+
+def test_two_processes_can_compile_for_a_tpu_topology_at_once():
+    import os
+    import subprocess
+    import sys
+
+    from fst_jax.tpu import runtime_env
+
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu cannot be imported (pip install -e '.[tpu]')")
+    code = ("import sys, time; from fst_jax.tpu import topology_devices; "
+            "print(len(topology_devices('v5e:2x2')), flush=True); time.sleep(float(sys.argv[1]))")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **runtime_env(parse_topology("v5e:2x2"))}
+    first = subprocess.Popen([sys.executable, "-c", code, "30"], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "4"  # it holds libtpu from here on
+        second = subprocess.run([sys.executable, "-c", code, "0"], env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert second.returncode == 0, second.stderr[-2000:]
+        assert second.stdout.strip() == "4"
+    finally:
+        first.kill()
+        first.wait()
 
 
 def test_flops_formulas_match_xla_on_a_model_without_loops():
