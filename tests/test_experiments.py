@@ -124,7 +124,10 @@ def test_train_dry_run_prints_bytes_and_exits_nonzero_when_the_device_is_too_sma
 def test_codeio_pod_dry_run_fits_an_8_x_h100_node():
     from fst_jax.jobs.preflight import preflight
 
-    report = preflight(_load("codeio_pod.yaml"))
+    # The config's documented H100 alternative to its TPU target (the fake-CPU compile).
+    job = load_config(TrainJob, EXPERIMENTS / "codeio_pod.yaml",
+                      ["target.topology=null", "target.device_memory_gib=72"])
+    report = preflight(job)
     assert report["fits"] and report["num_devices"] == 8
     assert 8.1e9 < report["num_params"] < 8.3e9
     b = report["bytes"]
