@@ -6,12 +6,12 @@ each compiled program (``report["programs"]``, from a dry run on a TPU slice):
 
 - an RL step: the rollout (its prefill and decode: every completion ``max_new_tokens`` long) and
   the train step (none in mode ``gepa``);
-- a GEPA round (modes ``fst``, ``gepa``): its metric calls (``max_metric_calls`` plus the K carried
-  contexts re-scored on the anchor set when that is charged on top) priced at the evaluation
-  program's seconds per completion (the same batch as an evaluation's; GEPA's own batches are
-  smaller, so slower), and its proposals (``max_proposals``, else one per ``2 x minibatch_size``
-  metric calls) each one reflection request (``parallel_proposals`` per call) for the policy
-  reflector;
+- a GEPA round (modes ``fst``, ``gepa``): its metric calls (``GEPAConfig.round_budget``: the K
+  carried contexts re-scored on the anchor set and the proposals' budget) priced at the
+  evaluation program's seconds per completion (the same batch as an evaluation's; GEPA's own
+  batches are smaller, so slower), and its proposals (the most the budget allows, one per
+  ``2 x minibatch_size`` samples, at most ``max_proposals``), each one reflection request
+  (``parallel_proposals`` per call) for the policy reflector;
 - an evaluation: ``ceil(prompts / prompts per call)`` calls of the evaluation program;
 - a cycle: ``fast.every`` RL steps, one GEPA round and its share of evaluations; the run:
   ``steps`` RL steps, ``steps / fast.every`` rounds, ``steps / eval.every`` evaluations.
@@ -62,10 +62,12 @@ def forecast(job, report: dict[str, Any]) -> dict[str, Any]:
         g = job.fast.gepa
         rounds = job.steps // job.fast.every
         anchor = job.problems_per_step * job.fast.every
-        calls = (g.max_metric_calls or 0) + (0 if g.rescoring_counts_toward_budget else anchor * g.top_k)
-        proposals = g.max_proposals or (g.max_metric_calls or 0) // (2 * g.minibatch_size)
-        if g.max_metric_calls:
-            proposals = min(proposals, g.max_metric_calls // (2 * g.minibatch_size))
+        rescore, search = g.round_budget(anchor, g.top_k)
+        calls = rescore + (search or 0)
+        # The most proposals: each scoring parent and child on a minibatch, none accepted.
+        proposals = (search or 0) // (2 * g.minibatch_size * g.eval.samples_per_example)
+        if g.max_proposals is not None:
+            proposals = min(proposals, g.max_proposals)
         reflect = (math.ceil(proposals / g.parallel_proposals) * _seconds(report, "reflection")
                    if "reflection" in shapes else 0.0)
         score = calls * per_completion if job.eval.every > 0 else float("nan")
