@@ -129,8 +129,10 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
 def fingerprint(tree: Any) -> list[int]:
     """One uint32 checksum (wrapping sum of raw bits) per array leaf of ``tree``."""
     leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, (jax.Array, np.ndarray))]
-    sums = [_leaf_checksum(x) for x in leaves]  # scalars: every process holds the full value
-    return [int(np.asarray(s.addressable_data(0))) for s in sums]
+    # One leaf at a time: with leaves sharded over several processes, many checksums in flight
+    # at once deadlocked a two-process CPU run in its collectives. Scalars: every process holds
+    # the full value.
+    return [int(np.asarray(_leaf_checksum(x).addressable_data(0))) for x in leaves]
 
 
 class Checkpointer:

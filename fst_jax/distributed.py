@@ -2,7 +2,8 @@
 
 Every process runs the same program and the same jitted computations. Host-side decisions (the
 fast loop's chosen contexts, whether to checkpoint now) are taken on process 0 and broadcast
-with ``broadcast_host_object`` so that all processes act on identical data.
+with ``broadcast_host_object`` so that all processes act on identical data; a SIGTERM that
+reaches some processes stops all of them at the same step (``StopSignal``).
 
 ``initialize`` reads its arguments from the environment when they are not given, so launch
 scripts only set variables (see ``launch/README.md``):
@@ -17,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 from typing import Any, Callable, Sequence
 
 import jax
@@ -92,6 +94,18 @@ def fetch(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def gather_to_primary(tree: Any) -> Any:
+    """``tree`` with each array leaf's whole value as a NumPy array on process 0 and ``None`` on
+    the others. One leaf at a time (``fetch``: an all-gather when the leaf spans several
+    processes), so besides the result at most one whole leaf is held at once. All processes must
+    call it."""
+    def one(x: jax.Array) -> np.ndarray | None:
+        value = fetch(x)  # every process takes part, process 0 keeps it
+        return value if is_primary() else None
+
+    return jax.tree.map(one, tree)
+
+
 def all_gather_host_objects(obj: Any) -> list[Any]:
     """Every process's ``obj`` (JSON round-tripped), in process order, on every process. All
     processes must call it."""
@@ -141,6 +155,38 @@ def all_processes_agree(flag: bool) -> bool:
         return bool(flag)
     flags = multihost_utils.process_allgather(np.array([bool(flag)], np.int32))
     return bool(np.all(flags))
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process iff ``flag`` is True on at least one (all processes must call it)."""
+    return not all_processes_agree(not flag)
+
+
+class StopSignal:
+    """SIGTERM as a stop that every process takes at the same step.
+
+    While installed (from construction to ``restore()``), SIGTERM only sets ``received`` on the
+    process it reaches. ``agreed()`` is collective: every process must call it once per step at
+    the same point; it is True on all processes iff any process has received SIGTERM (one small
+    all-gather; single-process, the local flag). A loop that checkpoints and stops when it is
+    True thus saves the same step everywhere."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logger.warning("SIGTERM: finishing this step, saving a checkpoint, then stopping")
+        self.received = True
+
+    def agreed(self) -> bool:
+        stop = any_process(self.received)
+        if stop and not self.received:
+            logger.warning("another process received SIGTERM: saving a checkpoint, then stopping")
+        return stop
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
 
 
 def sync(name: str) -> None:

@@ -46,8 +46,9 @@ from jax.sharding import Mesh
 from fst_jax.checkpoint import CheckpointConfig, Checkpointer, abstract_target
 from fst_jax.config import ConfigError, load_config, require, require_unchanged, save_config, to_dict
 from fst_jax.data import ProblemStream
+from fst_jax.distributed import StopSignal
 from fst_jax.evaluation import EvaluationConfig, EvaluationHook, chunked_exact_kl, samples_to_rows
-from fst_jax.jobs.train import RESUMABLE_CHANGES, TrainJob, _floats, _StopSignal
+from fst_jax.jobs.train import RESUMABLE_CHANGES, TrainJob, _floats
 from fst_jax.metrics import LoggingConfig, make_writers, read_jsonl
 from fst_jax.rl.optimizer import OptimizerConfig, apply_if, learning_rate, make_optimizer
 from fst_jax.sampling import PromptBatch, Sampler, Samples
@@ -315,7 +316,7 @@ def run_distill(cfg: DistillConfig, *, max_steps_this_run: int | None = None) ->
                     disable=not (cfg.logging.progress and jax.process_index() == 0))
     k = cfg.eval.k
     start, this_run, after = time.perf_counter(), 0, None
-    stop = _StopSignal()
+    stop = StopSignal()
     try:
         if restored is None:
             # The run's weights with [evolved] also score the original prompt: the teacher's
@@ -361,7 +362,7 @@ def run_distill(cfg: DistillConfig, *, max_steps_this_run: int | None = None) ->
             progress.update(1)
             progress.set_postfix(kl=f"{metrics['kl']:.4f}")
             host = {**host, "step": step, "data": stream.state(), "eval": hook.state()}
-            last = step == cfg.steps or stop.requested or this_run == max_steps_this_run
+            last = stop.agreed() or step == cfg.steps or this_run == max_steps_this_run
             if last or ckpt.should_save(step):
                 ckpt.save(step, state, host)
             if last:
@@ -389,12 +390,11 @@ def run_distill(cfg: DistillConfig, *, max_steps_this_run: int | None = None) ->
     if step < cfg.steps:
         log.info("stopped at step %d of %d with a checkpoint; rerun to continue", step, cfg.steps)
         return summary
-    if jax.process_index() == 0:
-        if cfg.export_hf:
-            from fst_jax.models.weights import save_hf_folder
+    if cfg.export_hf:
+        from fst_jax.models.weights import save_hf_folder
 
-            folder = save_hf_folder(nnx.merge(sampler.graphdef, state.params), out / "hf")
-            sampler.tokenizer.save(folder)
-            summary["hf_folder"] = str(folder)
+        summary["hf_folder"] = str(save_hf_folder(  # every process gathers, process 0 writes
+            nnx.merge(sampler.graphdef, state.params), out / "hf", sampler.tokenizer))
+    if jax.process_index() == 0:
         (out / "result.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -169,21 +168,6 @@ class TrainJob:
         return self.mode in ("gepa", "fst")
 
 
-class _StopSignal:
-    """Turns SIGTERM into a flag checked between steps (then: checkpoint and stop)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        log.warning("SIGTERM: finishing this step, saving a checkpoint, then stopping")
-        self.requested = True
-
-    def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
-
-
 class _Stage:
     """A schedule stage at run time: its task, problem stream, reward pool and step range.
     ``scorer`` scores through the pool, each process its own share of
@@ -292,7 +276,7 @@ def run_train_job(job: TrainJob, *, reflection_fn: Callable[[str], str] | None =
     writers = make_writers(job.logging, out, step, to_dict(job))
     K, G, T = job.fast.gepa.top_k, job.samples_per_problem, job.fast.every
     reflection_lm = _reflection_on_primary(job.fast.gepa.reflection, reflection_fn)
-    stop = _StopSignal()
+    stop = distributed.StopSignal()
     progress = _progress(job, step)
     run_start, this_run = time.perf_counter(), 0
     try:
@@ -350,7 +334,7 @@ def run_train_job(job: TrainJob, *, reflection_fn: Callable[[str], str] | None =
             progress.update(1)
             progress.set_postfix(reward=f"{record['reward_mean']:.3f}",
                                  kl=f"{record.get('kl', 0.0):.4f}")
-            last = step == job.steps or stop.requested or this_run == max_steps_this_run
+            last = stop.agreed() or step == job.steps or this_run == max_steps_this_run
             if last or ckpt.should_save(step):
                 ckpt.save(step, state, host)
             if last:
@@ -438,15 +422,14 @@ def _finish(job, out: Path, step: int, members, original, graphdef, state, token
             for k in sorted({k for r in last for k in r if k.startswith("seconds_")})},
         "contexts": contexts,
     }
+    if job.export_hf and job.trains_weights and step == job.steps:
+        from fst_jax.models.weights import save_hf_folder
+
+        summary["hf_folder"] = str(save_hf_folder(  # every process gathers, process 0 writes
+            nnx.merge(graphdef, sampling_weights(state, job.learner)), out / "hf", tokenizer))
     if jax.process_index() == 0:
         (out / "contexts.json").write_text(json.dumps(
             [dataclasses.asdict(m) for m in members] if members else [{"context": original}], indent=2))
         plot_run(out)
-        if job.export_hf and job.trains_weights and step == job.steps:
-            from fst_jax.models.weights import save_hf_folder
-
-            folder = save_hf_folder(nnx.merge(graphdef, sampling_weights(state, job.learner)), out / "hf")
-            tokenizer.save(folder)
-            summary["hf_folder"] = str(folder)
         (out / "result.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fst_jax import distributed
 from fst_jax.models.configs import ModelConfig
 from fst_jax.models.transformer import Transformer, init_model
 
@@ -171,16 +172,23 @@ def load_hf_folder(folder: str | Path, **cfg_overrides) -> tuple[ModelConfig, Tr
     return cfg, model_from_params(cfg, hf_to_params(cfg, read_safetensors_folder(folder)))
 
 
-def save_hf_folder(model: Transformer, folder: str | Path) -> Path:
-    """Write config.json + model.safetensors (float32) that transformers can load."""
+def save_hf_folder(model: Transformer, folder: str | Path, tokenizer=None) -> Path:
+    """Write config.json + model.safetensors (float32) that transformers can load, and with a
+    ``tokenizer`` its files (``tokenizer.save(folder)``). Collective: every process must call it;
+    parameters sharded over several processes' devices are gathered to process 0 leaf by leaf,
+    and process 0 alone writes. Returns ``folder`` on every process."""
     from safetensors.numpy import save_file
 
     folder = Path(folder)
+    params = distributed.gather_to_primary(model_params(model))
+    if not distributed.is_primary():
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
-    save_file(params_to_hf(cfg, model_params(model)), str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(params_to_hf(cfg, params), str(folder / "model.safetensors"), metadata={"format": "pt"})
     (folder / "config.json").write_text(json.dumps(cfg.to_hf(), indent=2))
+    if tokenizer is not None:
+        tokenizer.save(folder)
     return folder
 
 
