@@ -6,6 +6,7 @@ completion of each prompt) to stdout and to ``--out``.
 
     nice -n 10 python benchmarks/screen_tasks.py [--n 24] [--max-new-tokens 96]
         [--out benchmarks/results_task_screen.jsonl]
+        [--candidates '[["arithmetic", {"operators": ["+"]}], ["rg:products", {}]]']
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ def main():
     parser.add_argument("--n", type=int, default=24)
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--out", default="benchmarks/results_task_screen.jsonl")
+    parser.add_argument("--candidates", type=json.loads, default=CANDIDATES,
+                        help="JSON list of [task, options] pairs to screen instead of the built-in ones")
     args = parser.parse_args()
     sampler = Sampler.load("smollm2-135m-instruct", SamplingConfig(
         max_new_tokens=args.max_new_tokens, max_prompts_per_batch=args.n, prompt_buckets=(128, 256, 512)))
     with open(args.out, "w") as f:
-        for name, options in CANDIDATES:
+        for name, options in args.candidates:
             start = time.perf_counter()
             task = make_task(name, **options)
             examples = task.examples("test", args.n, seed=0)
