@@ -170,9 +170,11 @@ def train_main(argv=None) -> int:
         TrainJob, argv, "Fast-Slow Training (mode fst), weights-only RL (rl) or contexts-only GEPA "
                         "(gepa); resumes from its checkpoints.",
         lambda p: p.add_argument("--dry-run", action="store_true",
-                                 help="compile the train step for target.devices fake devices, "
-                                      "print bytes per device, exit 1 if over "
-                                      "target.device_memory_gib; trains nothing"))
+                                 help="compile the train step and sampler programs for "
+                                      "target.topology (a TPU slice, libtpu's compiler) or "
+                                      "target.devices fake CPU devices, print bytes and cost per "
+                                      "device (and a TPU run's forecast), exit 1 if over the "
+                                      "device memory; trains nothing"))
     if job is None:
         return 2
     if args.dry_run:
