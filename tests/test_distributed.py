@@ -268,13 +268,13 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_checkpoint_and_resume
             assert all(p.poll() is None for p in procs[str(multi)])
             time.sleep(0.05)
         procs[str(multi)][1].send_signal(signal.SIGTERM)
-        logs = _outputs(procs, timeout_s=300)
+        logs = _outputs(procs)
     stopped = [_steps_done(log) for log in logs[str(multi)]]
     assert stopped[0] == stopped[1] < 4, stopped
     assert sorted(int(p.name) for p in (multi / "checkpoints").iterdir() if p.name.isdigit()) == [stopped[0]]
 
     with _train_runs({str(multi): 2}, *overrides) as procs:
-        logs = _outputs(procs, timeout_s=300)
+        logs = _outputs(procs)
     assert [_steps_done(log) for log in logs[str(multi)]] == [4, 4]
     want, got = _read(single, "steps"), _read(multi, "steps")
     assert [r["step"] for r in got] == [0, 1, 2, 3]
