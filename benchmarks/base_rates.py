@@ -2,7 +2,7 @@
 
 For each task: ``--n`` test problems (seed 0), the task's ``seed_context`` as the system prompt,
 greedy accuracy (one sample at temperature 0) and mean@4 (four samples at temperature 1, the
-mean score). Scores use the task's own reward (0/1). A task has headroom for learning at small
+mean score), and greedy accuracy with the task's ``original_prompt`` (mode rl's prompt). Scores use the task's own reward (0/1). A task has headroom for learning at small
 scale when its rates sit between about 5% and 60%. One JSON line per task goes to
 ``<out>.jsonl`` as it finishes (a stopped run keeps its tasks); the end writes ``<out>.json``
 and a markdown table ``<out>.md``.
@@ -47,9 +47,12 @@ def measure(sampler, name: str, n: int, max_new_tokens: int, options: dict, labe
     start = time.perf_counter()
     greedy = generate(sampler, pairs, 1, 0.0, 0, max_new_tokens)
     sampled = generate(sampler, pairs, 4, 1.0, 1, max_new_tokens)
+    original = generate(sampler, [(task.original_prompt, ex.prompt) for ex in examples], 1, 0.0, 0, max_new_tokens)
     g = [safe_reward(task, ex, outs[0])[0] for ex, outs in zip(examples, greedy)]
     s = [sum(safe_reward(task, ex, o)[0] for o in outs) / len(outs) for ex, outs in zip(examples, sampled)]
-    return {"task": label, "n": n, "greedy_accuracy": sum(g) / n, "mean_at_4": sum(s) / n,
+    o = [safe_reward(task, ex, outs[0])[0] for ex, outs in zip(examples, original)]
+    return {"task": label, "n": n, "distinct": len({ex.prompt for ex in examples}), "greedy_accuracy": sum(g) / n,
+            "mean_at_4": sum(s) / n, "greedy_original_prompt": sum(o) / n,
             "any_of_4": sum(x > 0 for x in s) / n, "max_new_tokens": max_new_tokens,
             "seconds": round(time.perf_counter() - start, 1),
             "example_greedy": {"prompt_tail": examples[0].prompt[-200:], "completion": greedy[0][0][:400],
@@ -109,11 +112,12 @@ def write_tables(out: str) -> None:
     rows = list(by_task.values())
     with open(out + ".json", "w") as f:
         json.dump(rows, f, indent=1)
-    lines = ["| task | greedy accuracy | mean@4 (T=1) | any of 4 | headroom (5-60%) | max new tokens | seconds |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| task | greedy accuracy | mean@4 (T=1) | any of 4 | greedy, original prompt | headroom (5-60%) "
+             "| max new tokens | seconds |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         head = "yes" if 0.05 <= max(r["greedy_accuracy"], r["mean_at_4"]) and min(r["greedy_accuracy"], r["mean_at_4"]) <= 0.60 else "no"
-        lines.append(f"| {r['task']} | {r['greedy_accuracy']:.3f} | {r['mean_at_4']:.3f} | {r['any_of_4']:.3f} | {head} "
+        original = f"{r['greedy_original_prompt']:.3f}" if "greedy_original_prompt" in r else "not measured"
+        lines.append(f"| {r['task']} | {r['greedy_accuracy']:.3f} | {r['mean_at_4']:.3f} | {r['any_of_4']:.3f} | {original} | {head} "
                      f"| {r['max_new_tokens']} | {r['seconds']:.0f} |")
     settings = sorted({(r["n"], r["max_new_tokens"]) for r in rows})
     note = (f"\nSmolLM2-135M-Instruct (bundled, fp32, CPU), test problems (seed 0) per task as (n, max new "
