@@ -13,6 +13,7 @@ import pytest
 from fst_jax.config import load_config, save_config
 from fst_jax.dryrun import GIB
 from fst_jax.fast.job import GEPAJob
+from fst_jax.jobs.compare import CompareJob
 from fst_jax.jobs.distill import DistillConfig
 from fst_jax.jobs.plasticity import PlasticityJob
 from fst_jax.jobs.preflight import batch_shape, model_config
@@ -23,7 +24,7 @@ from fst_jax.tasks import make_task
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 SETUPS = ("codeio", "math", "hover_hard", "star_graph", "continual", "plasticity")
 JOBS = {"gepa_": GEPAJob, "smoke_": TrainJob, "fst_distill_": DistillConfig, "fst_": TrainJob,
-        **{f"{setup}_": TrainJob for setup in SETUPS}, "plasticity_": PlasticityJob}
+        **{f"{setup}_": TrainJob for setup in SETUPS}, "plasticity_": PlasticityJob, "evidence_": CompareJob}
 
 
 def _job_class(path: Path):
