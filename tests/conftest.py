@@ -7,7 +7,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=8").strip()
+    flags += " --xla_force_host_platform_device_count=8"
+# The 8 fake devices' collectives wait for each other's threads; on two busy cores a wait can pass
+# XLA's default limit, which aborts the whole worker ("Fatal Python error: Aborted").
+if "xla_cpu_collective_call_terminate_timeout_seconds" not in flags:
+    flags += " --xla_cpu_collective_call_terminate_timeout_seconds=1800"
+os.environ["XLA_FLAGS"] = flags.strip()
 
 import jax  # noqa: E402
 
