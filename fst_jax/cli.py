@@ -122,7 +122,7 @@ def sample_main(argv=None) -> int:
 
 
 def gepa_main(argv=None) -> int:
-    from fst_jax.fast.job import GEPAJob, run_gepa_job
+    from fst_jax.jobs.gepa import GEPAJob, run_gepa_job
 
     job = _load_job(GEPAJob, argv, "GEPA alone (frozen weights): evolve a context on a task.")
     if job is None:
@@ -189,8 +189,8 @@ def train_main(argv=None) -> int:
 
 
 def compare_main(argv=None) -> int:
-    from fst_jax.jobs.compare import CompareJob, run_compare, write_report
-    from fst_jax.jobs.train import MODES
+    from fst_jax.jobs.compare import CompareJob, report, run_compare
+    from fst_jax.runs import MODES
 
     def flags(p):
         p.add_argument("--modes", default=",".join(MODES),
@@ -208,7 +208,7 @@ def compare_main(argv=None) -> int:
     modes = [m for m in args.modes.split(",") if m]
 
     def run() -> int:
-        summary = (write_report(job, modes) if args.report_only else run_compare(job, modes))
+        summary = (report(job, modes) if args.report_only else run_compare(job, modes))
         print(f"report: {job.output_dir}/report/")
         for seed, one in summary.get("per_seed", {job.seeds[0]: summary}).items():
             print(f"seed {seed}:", json.dumps({m: {k: n[k] for k in ("steps_done", "final_mean", "max_mean")}
@@ -219,7 +219,7 @@ def compare_main(argv=None) -> int:
 
 
 def plasticity_main(argv=None) -> int:
-    from fst_jax.jobs.plasticity import PlasticityJob, run_plasticity, write_plasticity_report
+    from fst_jax.jobs.plasticity import PlasticityJob, report, run_plasticity
 
     job, args = _load_job_and_flags(
         PlasticityJob, argv, "Plasticity probe: phase A's comparison (if unfinished), then fresh RL "
@@ -231,7 +231,7 @@ def plasticity_main(argv=None) -> int:
     _logging()
 
     def run() -> int:
-        summary = write_plasticity_report(job) if args.report_only else run_plasticity(job)
+        summary = report(job) if args.report_only else run_plasticity(job)
         if summary:
             print(f"report: {job.probe.output_dir}/report/summary.md")
             print(json.dumps(summary["per_arm"], indent=2))
@@ -260,7 +260,7 @@ def plot_main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Draw the figures of a training run folder.")
     parser.add_argument("run_dir")
     args = parser.parse_args(argv)
-    from fst_jax.plots import plot_run
+    from fst_jax.report.figures import plot_run
 
     for path in plot_run(args.run_dir):
         print(path)

@@ -1,10 +1,10 @@
-"""The paper's evaluation protocol: mean@k, pass@1, OOD, exact KL to the base model, the 2x2
-decomposition, the ScaleRL sigmoid fit, and the plots of a run's metrics.
+"""The paper's evaluation protocol: mean@k, pass@1, OOD, exact KL to the base model and the 2x2
+decomposition, run by the loop's evaluation hook (curves, fits and figures of the results:
+``fst_jax.report``).
 
 Metric definitions (host side, NumPy):
 - ``mean_at_k(scores [problems, k])``: the mean score over problems and samples;
-- ``pass_at_1(scores [problems])``: the mean greedy score (fraction solved for 0/1 rewards);
-- ``running_max(values)``: the best value so far at each point (what the paper plots).
+- ``pass_at_1(scores [problems])``: the mean greedy score (fraction solved for 0/1 rewards).
 
 ``make_exact_kl`` builds the one jitted function: ``KL(pi_theta || pi_base)`` summed over the full
 vocabulary at each completion position of completions sampled from ``pi_theta``, averaged per
@@ -16,9 +16,7 @@ a flat dict of floats; OOD tasks always get their own original prompt, never an 
 from __future__ import annotations
 
 import dataclasses
-import re
 import zlib
-from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 import jax
@@ -30,6 +28,7 @@ from jax.sharding import Mesh
 import fst_jax.tasks  # noqa: F401  (registers the built-in tasks the config validates against)
 from fst_jax.config import require, require_in_registry
 from fst_jax.distributed import fetch, same_examples
+from fst_jax.generation import Generator, TextGenerator
 from fst_jax.models.transformer import positions_from_mask
 from fst_jax.rl.batch import TrainBatch, to_global
 from fst_jax.sharding import BATCH_AXES, state_shardings
@@ -54,32 +53,6 @@ def mean_at_k(scores: Any) -> float:
 def pass_at_1(scores: Any) -> float:
     """Mean greedy score over ``scores [problems]``: the fraction solved for 0/1 rewards."""
     return float(_scores(scores, 1, "pass_at_1").mean())
-
-
-def running_max(values: Sequence[float]) -> list[float]:
-    """The best value so far at each index (``[]`` for no values)."""
-    return np.maximum.accumulate(np.asarray(values, np.float64)).tolist() if len(values) else []
-
-
-def steps_to_reach(steps: Sequence[int], values: Sequence[float], target: float) -> int | None:
-    """The first step whose running max reaches ``target`` (None if it never does)."""
-    if len(steps) != len(values):
-        raise ValueError(f"{len(steps)} steps but {len(values)} values")
-    order = np.argsort(np.asarray(steps), kind="stable")
-    for i in order:
-        if values[i] >= target:
-            return int(steps[i])
-    return None
-
-
-def steps_to_reference_peak(runs: Mapping[str, tuple[Sequence[int], Sequence[float]]],
-                            reference: str = "rl") -> dict[str, int | None]:
-    """For each run ``name -> (steps, values)``, the first step it reaches the peak of the
-    ``reference`` run (the paper's "steps to RL's peak")."""
-    if reference not in runs:
-        raise KeyError(f"reference run {reference!r} not among {sorted(runs)}")
-    peak = max(runs[reference][1])
-    return {name: steps_to_reach(s, v, peak) for name, (s, v) in runs.items()}
 
 
 # -- exact KL to the base model -----------------------------------------------------------
@@ -190,92 +163,6 @@ def decomposition_2x2(accuracy_fn: Callable[[Any, str], Any], base_weights: Any,
     contexts = {"original": original_context, "evolved": evolved_context}
     return {f"{w}/{c}": accuracy_fn(wv, cv)
             for w, wv in weights.items() for c, cv in contexts.items()}
-
-
-def format_2x2(table: Mapping[str, float]) -> str:
-    """A markdown table (rows: weights, columns: context) of a ``decomposition_2x2`` result."""
-    lines = ["| weights \\ context | original | evolved |", "|---|---|---|"]
-    for w in ("base", "trained"):
-        lines.append(f"| {w} | {table[f'{w}/original']:.4f} | {table[f'{w}/evolved']:.4f} |")
-    return "\n".join(lines)
-
-
-# -- the ScaleRL sigmoid fit --------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class SigmoidFit:
-    """``R(C) = R0 + (A - R0) / (1 + (C_mid / C) ** B)``: asymptote ``A``, half-way step
-    ``C_mid``, steepness ``B``; ``rmse`` of the fit over the ``points`` it used. ``at_bounds``
-    names the parameters that ended on a bound of the search: the data do not determine them
-    (``B`` at its top: the curve is a step between two evaluations; ``C_mid`` at its top, or ``A``
-    at ``a_max``: the asymptote is an extrapolation far past the last step)."""
-
-    A: float
-    C_mid: float
-    B: float
-    R0: float
-    rmse: float
-    points: int
-    at_bounds: tuple[str, ...] = ()
-
-    def predict(self, steps: Any) -> np.ndarray:
-        return sigmoid_curve(steps, self.A, self.C_mid, self.B, self.R0)
-
-
-def sigmoid_curve(steps: Any, A: float, C_mid: float, B: float, R0: float) -> np.ndarray:
-    """The ScaleRL curve at ``steps`` (``R0`` at step 0)."""
-    C = np.asarray(steps, np.float64)
-    with np.errstate(divide="ignore", over="ignore"):
-        return R0 + (A - R0) / (1.0 + (C_mid / C) ** B)
-
-
-def fit_sigmoid(steps: Sequence[float], values: Sequence[float], r0: float | None = None,
-                a_max: float = 1.0, c_mid_range: tuple[float, float] | None = None,
-                b_range: tuple[float, float] = (0.05, 20.0), grid: int = 200) -> SigmoidFit:
-    """Least-squares fit of the ScaleRL form to ``values`` against ``steps`` (ScaleRL's
-    recipe): a grid over ``A`` in ``(R0, a_max]`` and ``C_mid`` (log-spaced over
-    ``c_mid_range``, default half the first positive step to 10x the last), ``B`` fitted
-    (log grid over ``b_range``) for each pair; the best triple is then refined jointly with
-    ``scipy.optimize.least_squares`` inside the same bounds. ``R0`` defaults to the value at the
-    smallest step. Needs at least 4 points."""
-    from scipy.optimize import least_squares
-
-    C, y = np.asarray(steps, np.float64), np.asarray(values, np.float64)
-    if C.shape != y.shape or C.ndim != 1 or len(C) < 4:
-        raise ValueError(f"need >= 4 matching (step, value) points, got {C.shape} and {y.shape}")
-    if not (np.all(np.isfinite(C)) and np.all(np.isfinite(y)) and np.all(C >= 0)):
-        raise ValueError("steps must be finite and >= 0, values finite")
-    R0 = float(y[np.argmin(C)]) if r0 is None else float(r0)
-    require(a_max > R0, f"a_max={a_max} must exceed R0={R0}")
-    positive = C[C > 0]
-    if c_mid_range is None:
-        require(len(positive) > 0, "need a positive step")
-        c_mid_range = (positive.min() / 2, 10 * C.max())
-    A_grid = np.linspace(R0, a_max, grid + 1)[1:]
-    Cm_grid = np.geomspace(*c_mid_range, grid)
-    B_grid = np.geomspace(*b_range, max(grid // 2, 8))
-    with np.errstate(divide="ignore", over="ignore"):
-        frac = 1.0 / (1.0 + (Cm_grid[:, None, None] / C) ** B_grid[None, :, None])  # [Cm, B, n]
-    r = y - R0  # SSE(A) = sum r^2 - 2 (A - R0) sum r f + (A - R0)^2 sum f^2
-    rf, ff = frac @ r, (frac ** 2).sum(-1)
-    d = (A_grid - R0)[:, None, None]
-    sse = (r @ r) - 2 * d * rf[None] + d ** 2 * ff[None]  # [A, Cm, B]
-    ia, ic, ib = np.unravel_index(np.argmin(sse), sse.shape)
-
-    def resid(p):
-        return sigmoid_curve(C, p[0], np.exp(p[1]), np.exp(p[2]), R0) - y
-
-    lo = [A_grid[0], np.log(c_mid_range[0]), np.log(b_range[0])]
-    hi = [a_max, np.log(c_mid_range[1]), np.log(b_range[1])]
-    x0 = np.clip([A_grid[ia], np.log(Cm_grid[ic]), np.log(B_grid[ib])], lo, hi)
-    best = least_squares(resid, x0, bounds=(lo, hi)).x
-    if np.sum(resid(best) ** 2) > np.sum(resid(x0) ** 2):
-        best = x0
-    rmse = float(np.sqrt(np.mean(resid(best) ** 2)))
-    span = np.subtract(hi, lo)
-    at_bounds = tuple(name for name, x, l, h, w in zip(("A", "C_mid", "B"), best, lo, hi, span)
-                      if min(x - l, h - x) <= 1e-3 * w)
-    return SigmoidFit(float(best[0]), float(np.exp(best[1])), float(np.exp(best[2])), R0, rmse,
-                      len(C), at_bounds)
 
 
 # -- the loop hook ------------------------------------------------------------------------
@@ -406,14 +293,14 @@ class EvaluationHook:
         return {k: np.array([safe_reward(*by_key[k], out)[0] for out in outs])
                 for k, outs in zip(keys, texts)}
 
-    def run(self, generator, params, base_params, task: Task, contexts: Sequence[str],
+    def run(self, generator: TextGenerator, params, base_params, task: Task, contexts: Sequence[str],
             original_prompt: str | None = None) -> dict[str, float]:
         """Evaluate ``params`` (the current sampling weights) with ``contexts[0]`` (the best
         evolved context; ``[original_prompt]`` in rl mode) and with ``original_prompt``
         (default ``task.original_prompt``).
 
-        ``generator``: a ``TextGenerator``; for ``kl`` the project's ``Sampler`` (it needs
-        ``encode``, ``generate``, ``graphdef`` and ``mesh``). ``base_params``: the base weights
+        ``generator``: a ``TextGenerator``; for ``kl`` a ``Generator`` (``fst_jax.generation``;
+        TypeError otherwise). ``base_params``: the base weights
         (for ``kl`` and ``two_by_two``), the same object at every call: their greedy scores are
         computed once per (task, example, context) for the hook's life. Returns floats keyed
         ``eval/mean@{k}``, ``eval/pass@1`` (best context), the same with ``_original`` (original
@@ -477,24 +364,23 @@ class EvaluationHook:
             self.problems.update(kl=kl, kl_tokens=tokens)
         return out
 
-    def kl_to_base(self, sampler, params, base_params, task: Task, context: str
+    def kl_to_base(self, generator: Generator, params, base_params, task: Task, context: str
                    ) -> tuple[np.ndarray, np.ndarray]:
         """Exact KL(pi_params || pi_base) on ``kl_samples`` temperature-1 samples per example
         with ``context``: ``(kl [n, kl_samples], tokens [n, kl_samples])``, each completion's KL
         per token (0 for an empty one) and its length; ``kl_token_mean`` of them is the mean per
         token. Draws are named by (task, example, context), as in ``_grade``."""
-        for attr in ("encode", "generate", "graphdef", "mesh"):
-            if not hasattr(sampler, attr):
-                raise TypeError(f"kl needs the project's Sampler (no {attr!r} on "
-                                f"{type(sampler).__name__}); set eval.kl=false otherwise")
-        if self._kl is None or self._kl[0] is not sampler:
-            self._kl = (sampler, make_exact_kl(sampler.graphdef, sampler.mesh))
+        if not isinstance(generator, Generator):
+            raise TypeError(f"kl needs a Generator (fst_jax.generation: token-level samples and the "
+                            f"weights' graphdef), not a {type(generator).__name__}; set eval.kl=false otherwise")
+        if self._kl is None or self._kl[0] is not generator:
+            self._kl = (generator, make_exact_kl(generator.graphdef, generator.mesh))
         n, examples = self.config.kl_samples, self.examples(task)
-        prompts = sampler.encode([(context, ex.prompt) for ex in examples])
-        samples = sampler.generate(params, prompts, n=n, seed=self.config.seed + 1,
-                                   temperature=1.0, top_p=1.0, top_k=0,
-                                   max_new_tokens=self.config.max_new_tokens,
-                                   prompt_ids=_draw_ids([(task.name, ex.id, context) for ex in examples], n))
+        prompts = generator.encode([(context, ex.prompt) for ex in examples])
+        samples = generator.generate(params, prompts, n=n, seed=self.config.seed + 1,
+                                     temperature=1.0, top_p=1.0, top_k=0,
+                                     max_new_tokens=self.config.max_new_tokens,
+                                     prompt_ids=_draw_ids([(task.name, ex.id, context) for ex in examples], n))
         _, per_row = self._kl[1](params, base_params, samples_to_rows(samples))
         tokens = np.asarray(samples.mask).sum(1).reshape(len(examples), n)
         return np.where(tokens > 0, per_row.reshape(tokens.shape), 0.0), tokens
@@ -506,58 +392,3 @@ def kl_token_mean(kl: Any, tokens: Any) -> float:
     kl, tokens = np.asarray(kl, np.float64), np.asarray(tokens, np.float64)
     require(kl.shape == tokens.shape and tokens.sum() > 0, "kl and tokens: same shapes, some tokens")
     return float((kl * tokens).sum() / tokens.sum())
-
-
-# -- plots --------------------------------------------------------------------------------
-def _reward_key(rows: Sequence[Mapping[str, Any]]) -> str:
-    keys = sorted({k for r in rows for k in r if re.fullmatch(r"eval/mean@\d+", k)})
-    if not keys:
-        raise ValueError("no eval/mean@k values in these metrics rows")
-    return keys[0]
-
-
-def _by_mode(rows, *keys) -> dict[str, list[tuple[float, ...]]]:
-    out: dict[str, list[tuple[float, ...]]] = {}
-    for r in rows:
-        if all(k in r and r[k] is not None for k in keys):
-            out.setdefault(str(r.get("mode", "run")), []).append(tuple(float(r[k]) for k in keys))
-    return {m: sorted(v) for m, v in out.items()}
-
-
-def plot_metrics(rows: Sequence[Mapping[str, Any]], out_dir: str | Path,
-                 reward_key: str | None = None) -> list[Path]:
-    """PNG plots of metrics rows (dicts with "step", optional "mode", and ``eval/...`` keys;
-    one line per mode): ``reward_vs_step.png`` (running max of ``reward_key``, default the
-    ``eval/mean@k`` key) and, when rows carry ``eval/kl_to_base``, ``kl_vs_reward.png`` (each
-    point labelled with its step).
-    Returns the files written."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend state
-
-    key = reward_key or _reward_key(rows)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.subplots()
-    for mode, pts in _by_mode(rows, "step", key).items():
-        steps, vals = zip(*pts)
-        ax.plot(steps, running_max(vals), marker=".", label=mode)
-    ax.set(xlabel="RL step", ylabel=f"{key} (running max)", title="Validation reward")
-    ax.legend()
-    written.append(out_dir / "reward_vs_step.png")
-    fig.savefig(written[-1], dpi=120)
-    kl = _by_mode(rows, key, "eval/kl_to_base", "step")
-    if kl:
-        fig = Figure(figsize=(6, 4), layout="constrained")
-        ax = fig.subplots()
-        for mode, pts in kl.items():
-            x, y, _ = zip(*pts)
-            ax.scatter(x, y, label=mode, s=14)
-            for xi, yi, step in pts:
-                ax.annotate(f"{step:g}", (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set(xlabel=key, ylabel="KL(pi_theta || pi_base) per token",
-               title="KL (evaluated context) vs reward; labels: step")
-        ax.legend()
-        written.append(out_dir / "kl_vs_reward.png")
-        fig.savefig(written[-1], dpi=120)
-    return written

@@ -1,7 +1,7 @@
-"""Rollouts: problems x contexts x samples -> one sampler call -> rewards -> a ``TrainBatch``.
+"""Rollouts: problems x contexts x samples -> one generator call -> rewards -> a ``TrainBatch``.
 
 The one place that turns ``Samples`` into training rows. For ``P`` problems, ``K`` contexts and
-``G`` samples per problem (``K`` divides ``G``), the sampler gets the ``P * K`` prompts
+``G`` samples per problem (``K`` divides ``G``), the generator gets the ``P * K`` prompts
 ``[context_k | problem_p]`` (problem-major) and draws ``G / K`` samples of each, so the contexts
 are mixed inside every problem's group and each (context, problem) prompt is prefilled once.
 Row ``r`` of the result is sample ``r % (G/K)`` of prompt ``r // (G/K)``: problem
@@ -9,8 +9,8 @@ Row ``r`` of the result is sample ``r % (G/K)`` of prompt ``r // (G/K)``: proble
 
 Advantages are computed once per group: ``group_by="problem"`` (FST: all ``G`` rollouts of a
 problem, whatever context each used) or ``"problem_context"`` (a per-context baseline, the E-SPL
-style ablation). The batch's prompt columns are the sampler's own (same buckets, same left
-padding), and its completion width is the sampler's ``max_new_tokens``, so every step of a run has
+style ablation). The batch's prompt columns are the generator's own (same buckets, same left
+padding), and its completion width is its ``config.max_new_tokens``, so every step of a run has
 the same shape.
 """
 
@@ -18,23 +18,20 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from fst_jax.generation import Generator
 from fst_jax.rl.advantages import AdvantageConfig
 from fst_jax.rl.batch import TrainBatch, build_train_batch
 from fst_jax.rl.lora import apply_lora
 from fst_jax.rl.train_step import LearnerConfig, TrainState
-from fst_jax.sampling import Sampler
 from fst_jax.tasks.base import Example
-
-# ``score(examples, completions) -> [(score, feedback)]``, one per row; must never raise
-# (``RewardPool.score`` or a loop over ``safe_reward``).
-Scorer = Callable[[Sequence[Example], Sequence[str]], list[tuple[float, str]]]
+from fst_jax.tasks.rewards import Scorer
 
 
 @dataclasses.dataclass
@@ -72,23 +69,24 @@ def check_group_mix(samples_per_problem: int, num_contexts: int) -> int:
     return samples_per_problem // num_contexts
 
 
-def rollout(sampler: Sampler, params: Any, problems: Sequence[Example], contexts: Sequence[str],
-            samples_per_problem: int, score: Scorer, *, seed: int,
+def rollout(generator: Generator, params: Any, problems: Sequence[Example], contexts: Sequence[str],
+            samples_per_problem: int, scorer: Scorer, *, seed: int,
             advantage: AdvantageConfig = AdvantageConfig()) -> Rollout:
     """Sample ``samples_per_problem`` completions of every problem with ``contexts`` mixed in
-    each group, score them and build the train batch (see the module docstring)."""
+    each group, score them with ``scorer`` (never raising: ``RewardPool``'s contract) and build
+    the train batch (see the module docstring)."""
     K, G = len(contexts), samples_per_problem
     n = check_group_mix(G, K)
     t0 = time.perf_counter()
-    prompts = sampler.encode([(c, ex.prompt) for ex in problems for c in contexts])
-    samples = sampler.generate(params, prompts, n=n, seed=seed)
+    prompts = generator.encode([(c, ex.prompt) for ex in problems for c in contexts])
+    samples = generator.generate(params, prompts, n=n, seed=seed)
     t1 = time.perf_counter()
     rows = np.arange(len(problems) * G)
     prompt_of_row = rows // n
     problem_ids = (rows // G).astype(np.int32)
     context_ids = (prompt_of_row % K).astype(np.int32)
-    completions = [sampler.decode_row(samples, r) for r in rows]
-    graded = score([problems[p] for p in problem_ids], completions)
+    completions = [generator.decode_row(samples, r) for r in rows]
+    graded = scorer.score([problems[p] for p in problem_ids], completions)
     rewards = np.array([s for s, _ in graded], np.float32)
     t2 = time.perf_counter()
     groups = problem_ids if advantage.group_by == "problem" else problem_ids * K + context_ids
@@ -97,8 +95,8 @@ def rollout(sampler: Sampler, params: Any, problems: Sequence[Example], contexts
         [prompts.tokens[p][m[p]] for p in prompt_of_row],
         [samples.tokens[r, :samples.lengths[r]] for r in rows],
         [samples.logprobs[r, :samples.lengths[r]] for r in rows],
-        rewards, groups, context_ids, pad_id=sampler.tokenizer.pad_id, advantage=advantage,
-        prompt_buckets=sampler.config.prompt_buckets, completion_buckets=(samples.tokens.shape[1],),
+        rewards, groups, context_ids, pad_id=generator.tokenizer.pad_id, advantage=advantage,
+        prompt_buckets=generator.config.prompt_buckets, completion_buckets=(samples.tokens.shape[1],),
         temperature=samples.temperature[rows])
     return Rollout(batch, rewards, problem_ids, context_ids, samples.finished, samples.lengths,
                    completions, [f for _, f in graded], list(contexts),

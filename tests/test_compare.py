@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 
 from fst_jax.config import ConfigError, load_config
-from fst_jax.evaluation import kl_token_mean, sigmoid_curve
-from fst_jax.jobs.compare import (CompareJob, Run, kl_at_matched_reward, mode_job, run_compare, seeded,
-                                  write_report)
+from fst_jax.evaluation import kl_token_mean
+from fst_jax.jobs.compare import CompareJob, mode_job, report, run_compare, seeded
 from fst_jax.jobs.train import TrainJob
 from fst_jax.metrics import read_jsonl
+from fst_jax.report.comparison import kl_at_matched_reward
+from fst_jax.report.curves import sigmoid_curve
+from fst_jax.runs import RunFolder
 
 SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke_fst.yaml"
 
@@ -78,7 +80,7 @@ def test_run_compare_refuses_a_config_without_evaluations(tmp_path):
 def test_kl_at_matched_reward_takes_the_highest_reward_both_weight_runs_reached(tmp_path):
     _write_run(tmp_path / "rl", "rl", [0, 10, 20, 30], [0.1, 0.3, 0.4, 0.35], [0.0, 0.02, 0.05, 0.07])
     _write_run(tmp_path / "fst", "fst", [0, 10, 20, 30], [0.1, 0.45, 0.5, 0.6], [0.0, 0.01, 0.015, 0.02])
-    runs = {m: Run.read(tmp_path / m, m) for m in ("rl", "fst")}
+    runs = {m: RunFolder(tmp_path / m).read(m) for m in ("rl", "fst")}
     out = kl_at_matched_reward(runs, "eval/mean@4")
     # rl peaked at 0.4: rl first reached it at step 20 (KL 0.05), fst at step 10 (KL 0.01).
     assert out == {"reward": 0.4, "kl": {"rl": 0.05, "fst": 0.01}, "kl_original": {"rl": 0.1, "fst": 0.02},
@@ -89,7 +91,7 @@ def test_kl_at_matched_reward_never_matches_the_untrained_step_0_evaluation(tmp_
     # Both runs start above anything fst reaches later: the match is fst's best trained checkpoint.
     _write_run(tmp_path / "rl", "rl", [0, 6, 12], [0.23, 0.12, 0.25], [0.0, 0.008, 0.018])
     _write_run(tmp_path / "fst", "fst", [0, 6, 12], [0.23, 0.10, 0.11], [0.0, 0.004, 0.010])
-    out = kl_at_matched_reward({m: Run.read(tmp_path / m, m) for m in ("rl", "fst")}, "eval/mean@4")
+    out = kl_at_matched_reward({m: RunFolder(tmp_path / m).read(m) for m in ("rl", "fst")}, "eval/mean@4")
     assert out == {"reward": 0.11, "kl": {"rl": 0.008, "fst": 0.010}, "kl_original": {"rl": 0.016, "fst": 0.02},
                    "step": {"rl": 6, "fst": 12}}
 
@@ -102,7 +104,7 @@ def test_report_on_hand_made_runs_has_peak_steps_fits_ood_and_figures(tmp_path):
     _write_run(tmp_path / "gepa", "gepa", steps, [0.1] * len(steps), [0.0] * len(steps))
     _write_run(tmp_path / "fst", "fst", steps, fst, np.linspace(0, 0.05, len(steps)), finished=False)
     job = load_config(CompareJob, SMOKE, [f"output_dir={tmp_path}", "eval.every=10", "eval.k=4"])
-    summary = write_report(job)
+    summary = report(job)
     n = summary["per_mode"]
     assert n["rl"]["sigmoid"]["A"] == pytest.approx(0.4, abs=0.01)
     assert n["fst"]["sigmoid"]["A"] == pytest.approx(0.6, abs=0.01)
@@ -112,13 +114,13 @@ def test_report_on_hand_made_runs_has_peak_steps_fits_ood_and_figures(tmp_path):
     assert peak["steps"]["rl"] == 100 and peak["steps"]["fst"] < 100 and peak["steps"]["gepa"] is None
     assert n["gepa"]["ood"] == {"eval/ood/arithmetic/mean@4": 0.1}
     assert summary["two_by_two"] == {"skipped": "no finished fst run"}
-    report = tmp_path / "report"
+    out = tmp_path / "report"
     for fig in ("reward_vs_step.png", "kl_vs_reward.png", "training_reward.png", "sigmoid_fits.png"):
-        assert (report / fig).stat().st_size > 0 and fig in summary["figures"]
-    md = (report / "summary.md").read_text()
+        assert (out / fig).stat().st_size > 0 and fig in summary["figures"]
+    md = (out / "summary.md").read_text()
     assert f"{n['fst']['sigmoid']['A']:.4f}" in md and "best fst context" in md and "never" in md
     assert "| KL, evaluated context | KL, original prompt |" in md
-    assert json.loads((report / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
 
 
 def test_report_sums_the_gepa_rounds_and_averages_parent_and_child_minibatch_scores(tmp_path):
@@ -136,7 +138,7 @@ def test_report_sums_the_gepa_rounds_and_averages_parent_and_child_minibatch_sco
     ]
     (tmp_path / "fst" / "gepa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
     job = load_config(CompareJob, SMOKE, [f"output_dir={tmp_path}", "eval.every=5", "eval.k=4"])
-    summary = write_report(job, two_by_two=False)
+    summary = report(job, two_by_two=False)
     assert summary["fast_channel"]["rl"] is None
     fast = summary["fast_channel"]["fst"]
     assert (fast["rounds"], fast["proposals"], fast["accepted"], fast["rejected"], fast["skipped"]) == (2, 5, 1, 1, 3)
@@ -160,7 +162,7 @@ def test_report_takes_the_2x2_from_the_fst_runs_final_evaluation_without_samplin
                                 **{f"eval/2x2/{k}": v * scale for k, v in grid.items()}}) + "\n")
     monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("sampled the 2x2 again"))
     job = load_config(CompareJob, SMOKE, [f"output_dir={tmp_path}", "eval.every=2", "eval.k=4", "steps=4"])
-    tbt = write_report(job)["two_by_two"]
+    tbt = report(job)["two_by_two"]
     assert tbt["table"] == grid and tbt["source"] == "final evaluation"
     assert tbt["contexts"]["evolved"] == "best fst context"
     assert "computed by the final evaluation" in (tmp_path / "report" / "summary.md").read_text()
@@ -179,7 +181,7 @@ def test_continual_report_normalises_each_stage_by_the_best_mode_on_that_stages_
             json.dumps({"step": s, "mode": mode, "task": t, "eval/mean@2": v}) + "\n" for t, s, v in rows))
     job = load_config(CompareJob, SMOKE, [f"output_dir={tmp_path}", "eval.every=5", "eval.k=2", "steps=20",
                                         "schedule=[{task: a, steps: 10}, {task: b, steps: 10}]"])
-    summary = write_report(job, modes=("rl", "fst"), two_by_two=False)
+    summary = report(job, modes=("rl", "fst"), two_by_two=False)
     a, b = summary["continual"]
     assert (a["task"], a["start"], a["end"], b["start"], b["end"]) == ("a", 0, 10, 10, 20)
     assert a["best"] == {"rl": 0.4, "fst": 0.2} and a["normalised"] == {"rl": 1.0, "fst": 0.5}
@@ -201,7 +203,7 @@ def test_run_compare_skips_finished_modes_and_stops_at_a_mode_that_stopped_early
         return {"steps_done": 1}  # SIGTERM / time slice: stopped before sub.steps
 
     monkeypatch.setattr(compare, "run_train_job", fake_train)
-    monkeypatch.setattr(compare, "write_report", lambda job, modes, two_by_two: {"modes": modes})
+    monkeypatch.setattr(compare, "report", lambda job, modes, two_by_two: {"modes": modes})
     assert run_compare(job, max_steps_this_run=1) == {"modes": ("rl", "gepa", "fst")}
     assert calls == [("gepa", f"{tmp_path}/gepa", 1)]  # rl skipped; fst never started
 
@@ -219,7 +221,7 @@ def test_run_compare_runs_every_mode_at_every_seed_skipping_finished_runs(tmp_pa
         return {"steps_done": sub.steps}
 
     monkeypatch.setattr(compare, "run_train_job", fake_train)
-    monkeypatch.setattr(compare, "write_report", lambda job, modes, two_by_two: {})
+    monkeypatch.setattr(compare, "report", lambda job, modes, two_by_two: {})
     run_compare(job, ("rl", "fst"))
     assert calls == [("fst", 0, f"{tmp_path}/fst/seed0"), ("rl", 1, f"{tmp_path}/rl/seed1"),
                      ("fst", 1, f"{tmp_path}/fst/seed1")]
@@ -235,7 +237,7 @@ def test_compare_runs_rl_gepa_fst_on_the_smoke_config_and_reports_the_2x2(tmp_pa
     summary = run_compare(job, reflection_fn=lambda prompt: "```\nAnswer with the number only.\n```")
     assert summary["modes"] == ["rl", "gepa", "fst"]
     for mode in ("rl", "gepa", "fst"):
-        run = Run.read(tmp_path / mode, mode)
+        run = RunFolder(tmp_path / mode).read(mode)
         assert [r["step"] for r in run.steps] == [0, 1]
         assert [r["step"] for r in run.eval] == [0, 1, 2]
         assert summary["per_mode"][mode]["finished"]

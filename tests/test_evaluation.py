@@ -1,5 +1,5 @@
-"""Evaluation protocol: metric definitions, exact KL against NumPy, the 2x2, the sigmoid fit,
-the loop hook (stub generator and the real sampler on a tiny model), and the plots."""
+"""Evaluation protocol: metric definitions, exact KL against NumPy, the 2x2, and the loop hook
+(stub generator and the real sampler on a tiny model)."""
 
 import dataclasses
 import json
@@ -10,10 +10,8 @@ import pytest
 from flax import nnx
 
 from fst_jax.config import ConfigError
-from fst_jax.evaluation import (EvaluationConfig, EvaluationHook, decomposition_2x2,
-                                fit_sigmoid, format_2x2, kl_token_mean, make_exact_kl, mean_at_k, pass_at_1,
-                                plot_metrics, running_max, samples_to_rows, sigmoid_curve,
-                                steps_to_reach, steps_to_reference_peak)
+from fst_jax.evaluation import (EvaluationConfig, EvaluationHook, decomposition_2x2, kl_token_mean,
+                                make_exact_kl, mean_at_k, pass_at_1, samples_to_rows)
 from fst_jax.models.configs import tiny
 from fst_jax.models.tokenizer import ByteChatTokenizer
 from fst_jax.models.transformer import init_model
@@ -39,20 +37,6 @@ def test_mean_at_k_and_pass_at_1_on_hand_worked_scores():
 def test_metrics_reject_wrong_shapes_and_non_finite_scores(fn, bad):
     with pytest.raises(ValueError):
         fn(bad)
-
-
-def test_running_max_and_steps_to_reach_use_the_best_value_so_far():
-    values = [0.1, 0.3, 0.2, 0.5, 0.4]
-    assert running_max(values) == [0.1, 0.3, 0.3, 0.5, 0.5]
-    assert running_max([]) == []
-    steps = [0, 10, 20, 30, 40]
-    assert steps_to_reach(steps, values, 0.3) == 10
-    assert steps_to_reach(steps, values, 0.45) == 30
-    assert steps_to_reach(steps, values, 0.6) is None
-    assert steps_to_reach([30, 0, 10], [0.5, 0.1, 0.5], 0.5) == 10  # unordered steps
-    runs = {"rl": ([0, 10, 20], [0.1, 0.4, 0.3]), "fst": ([0, 10, 20], [0.2, 0.5, 0.6]),
-            "gepa": ([0, 10, 20], [0.1, 0.2, 0.2])}
-    assert steps_to_reference_peak(runs) == {"rl": 10, "fst": 10, "gepa": None}
 
 
 # -- exact KL -----------------------------------------------------------------------------
@@ -119,38 +103,6 @@ def test_2x2_puts_each_weights_and_context_pair_in_its_cell():
     assert grid == {"base/original": 0.02, "base/evolved": 0.116, "trained/original": 0.106,
                     "trained/evolved": 0.212}
     assert sorted(calls) == sorted(table)
-    assert "| trained | 0.1060 | 0.2120 |" in format_2x2(grid)
-
-
-# -- sigmoid fit --------------------------------------------------------------------------
-@pytest.mark.parametrize("A, C_mid, B, R0", [(0.47, 300.0, 1.5, 0.1), (0.25, 80.0, 3.0, 0.02)])
-def test_sigmoid_fit_recovers_known_parameters(A, C_mid, B, R0):
-    steps = np.arange(0, 1001, 10)
-    clean = sigmoid_curve(steps, A, C_mid, B, R0)
-    fit = fit_sigmoid(steps, clean)
-    assert fit.R0 == pytest.approx(R0)
-    assert (fit.A, fit.C_mid, fit.B) == pytest.approx((A, C_mid, B), rel=1e-3)
-    assert fit.at_bounds == ()
-    noisy = clean + np.random.default_rng(0).normal(0, 0.01, steps.shape)
-    fit = fit_sigmoid(steps, noisy, r0=R0)
-    assert fit.A == pytest.approx(A, abs=0.02)
-    assert fit.C_mid == pytest.approx(C_mid, rel=0.15)
-    assert fit.B == pytest.approx(B, rel=0.25)
-    assert fit.rmse == pytest.approx(0.01, rel=0.3)
-
-
-def test_sigmoid_fit_names_the_parameters_the_data_leave_on_a_bound():
-    step = fit_sigmoid([0, 4, 8, 12], [0.2, 0.2, 0.5, 0.5])  # a jump between two evaluations
-    assert "B" in step.at_bounds and step.A == pytest.approx(0.5, abs=1e-3)
-    rising = fit_sigmoid([0, 4, 8, 12], [0.1, 0.2, 0.3, 0.4])  # no bend yet: asymptote unknown
-    assert {"A", "C_mid"} & set(rising.at_bounds)
-
-
-def test_sigmoid_fit_rejects_too_few_or_bad_points():
-    with pytest.raises(ValueError, match=">= 4"):
-        fit_sigmoid([0, 1, 2], [0.1, 0.2, 0.3])
-    with pytest.raises(ValueError, match="finite"):
-        fit_sigmoid([0, 1, 2, 3], [0.1, np.nan, 0.3, 0.4])
 
 
 # -- the hook with a stub generator -------------------------------------------------------
@@ -243,10 +195,10 @@ def test_hook_keeps_running_maxima_across_evaluations_and_checkpoints():
     assert len(gen.calls[-1][1]) == 8  # rl mode: the best context IS the original; no repeats
 
 
-def test_hook_kl_needs_the_sampler_and_config_rejects_unknown_ood_task():
+def test_hook_kl_needs_a_token_level_generator_and_config_rejects_unknown_ood_task():
     task = ArithmeticTask()
     hook = EvaluationHook(EvaluationConfig(num_examples=2, k=1, greedy=False))
-    with pytest.raises(TypeError, match="Sampler"):
+    with pytest.raises(TypeError, match="kl needs a Generator"):
         hook.run(StubGenerator([task], 2), {"skill": 1}, {"skill": 1}, task, ["x"], "x")
     with pytest.raises(ConfigError, match="unknown ood task"):
         EvaluationConfig(ood_tasks=("no-such-task",))
@@ -301,19 +253,6 @@ def test_hook_measures_kl_under_the_evaluated_context_and_the_original_prompt():
     assert "eval/kl_to_base" not in only.run(sampler, sampler.params, base, task, ["E."], "Be exact.")
     with pytest.raises(ConfigError, match="kl_contexts"):
         EvaluationConfig(kl_contexts=("best", "best"))
-
-
-# -- plots --------------------------------------------------------------------------------
-def test_plot_metrics_writes_reward_and_kl_pngs_per_mode(tmp_path):
-    rows = [{"step": s, "mode": m, "eval/mean@4": r, "eval/kl_to_base": kl}
-            for m, scale in (("rl", 1.0), ("fst", 1.3))
-            for s, r, kl in ((0, 0.1, 0.0), (10, 0.2 * scale, 0.01), (20, 0.15, 0.02))]
-    rows.append({"step": 5, "mode": "rl", "train/loss": 0.3})  # non-eval rows are skipped
-    files = plot_metrics(rows, tmp_path / "plots")
-    assert [f.name for f in files] == ["reward_vs_step.png", "kl_vs_reward.png"]
-    assert all(f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
-    with pytest.raises(ValueError, match="mean@k"):
-        plot_metrics([{"step": 0, "train/loss": 1.0}], tmp_path)
 
 
 def test_hook_grades_the_base_weights_greedily_once_per_example_and_context():

@@ -12,7 +12,7 @@ import pytest
 
 from fst_jax.config import load_config, save_config
 from fst_jax.dryrun import GIB
-from fst_jax.fast.job import GEPAJob
+from fst_jax.jobs.gepa import GEPAJob
 from fst_jax.jobs.compare import CompareJob
 from fst_jax.jobs.distill import DistillConfig
 from fst_jax.jobs.plasticity import PlasticityJob

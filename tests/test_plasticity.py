@@ -8,7 +8,7 @@ import pytest
 
 import fst_jax.jobs.plasticity as plasticity
 from fst_jax.config import ConfigError, load_config
-from fst_jax.jobs.plasticity import PlasticityJob, run_plasticity, write_plasticity_report
+from fst_jax.jobs.plasticity import PlasticityJob, report, run_plasticity
 
 SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke_fst.yaml"
 
@@ -83,9 +83,9 @@ def test_plasticity_report_writes_the_figure_and_a_table_per_arm(tmp_path):
     job = _job(tmp_path)
     for arm, means in (("base", [0.2, 0.4]), ("rl", [0.0, 0.1]), ("fst", [0.2, 0.5])):
         _finish(tmp_path / "b" / f"{arm}_init", 4, means=means)
-    summary = write_plasticity_report(job)
-    report = tmp_path / "b" / "report"
-    assert (report / "plasticity.png").stat().st_size > 0
-    md = (report / "summary.md").read_text()
+    summary = report(job)
+    out = tmp_path / "b" / "report"
+    assert (out / "plasticity.png").stat().st_size > 0
+    md = (out / "summary.md").read_text()
     assert "| fst | `" in md and "| 0.5000 |" in md and "Base arm's best eval/mean@2: 0.4000" in md
-    assert json.loads((report / "summary.json").read_text()) == summary
+    assert json.loads((out / "summary.json").read_text()) == summary

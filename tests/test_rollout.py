@@ -10,6 +10,7 @@ from fst_jax.rl.advantages import AdvantageConfig
 from fst_jax.rollout import check_group_mix, rollout
 from fst_jax.sampling import Sampler, SamplingConfig
 from fst_jax.tasks import make_task
+from fst_jax.tasks.rewards import FunctionScorer
 
 REWARDS = [1, 0, 0, 0,   1, 1, 0, 1]  # problem 0: rows 0-3, problem 1: rows 4-7 (contexts 0,0,1,1)
 
@@ -28,7 +29,8 @@ def run(sampler, group_by):
         seen.append([e.id for e in examples])
         return [(float(r), f"row {i}") for i, r in enumerate(REWARDS)]
 
-    ro = rollout(sampler, sampler.params, problems, ["Be brief.", "Think first."], 4, score, seed=3,
+    ro = rollout(sampler, sampler.params, problems, ["Be brief.", "Think first."], 4,
+                 FunctionScorer(make_task("arithmetic"), score), seed=3,
                  advantage=AdvantageConfig(group_by=group_by, drop_zero_variance=False))
     return problems, seen, ro
 
@@ -95,7 +97,8 @@ def test_the_trainer_scores_a_rollout_under_the_temperature_it_was_sampled_at(sa
     hot = Sampler(nnx.merge(sampler.graphdef, sampler.params), ByteChatTokenizer(),
                   dataclasses.replace(sampler.config, temperature=temperature))
     problems = make_task("arithmetic").examples("train", 2)
-    ro = rollout(hot, hot.params, problems, ["Be brief."], 4, lambda ex, c: [(0.0, "")] * len(c), seed=1,
+    ro = rollout(hot, hot.params, problems, ["Be brief."], 4,
+                 FunctionScorer(make_task("arithmetic"), lambda ex, c: [(0.0, "")] * len(c)), seed=1,
                  advantage=AdvantageConfig(drop_zero_variance=False))
     np.testing.assert_allclose(ro.batch.temperature[:8], temperature)
     mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])

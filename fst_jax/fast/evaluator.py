@@ -18,24 +18,13 @@ from typing import Any, Callable, Protocol, Sequence
 from fst_jax.config import require
 from fst_jax.fast.candidates import Candidate
 from fst_jax.fast.reflection import reflective_record
+from fst_jax.generation import TextGenerator
 from fst_jax.tasks.base import Example, Task
 from fst_jax.tasks.rewards import RewardConfig, RewardPool, Scorer
 
 
-class TextGenerator(Protocol):
-    """The part of ``fst_jax.sampling.Sampler`` the fast channel uses."""
-
-    def generate_text(self, params: Any, pairs: Sequence[tuple[str, str]], n: int = 1, seed: int = 0,
-                      temperature: float | None = None, top_p: float | None = None,
-                      top_k: int | None = None, max_new_tokens: int | None = None,
-                      prompt_ids: Sequence[int] | None = None) -> list[list[str]]:
-        """``n`` completions for each (context, user message) pair, in order; ``prompt_ids``
-        (one per pair) name each pair's random draws, so they do not depend on the request."""
-        ...
-
-
 @dataclasses.dataclass(frozen=True)
-class EvalConfig:
+class ScoringConfig:
     """Sampling for scoring; ``None`` keeps the generator's default for that knob."""
 
     samples_per_example: int = 1
@@ -50,7 +39,7 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
-class Rollout:
+class Trace:
     """The trace of one example under one candidate: every sample with its score and feedback."""
 
     example_id: str
@@ -66,17 +55,17 @@ class Rollout:
 
 @dataclasses.dataclass
 class EvalResult:
-    """Per-example mean scores and rollouts of one candidate on one batch, in batch order.
-    ``metric_calls`` is the number of rollouts scored fresh (not from the cache)."""
+    """Per-example mean scores and traces of one candidate on one batch, in batch order.
+    ``metric_calls`` is the number of samples scored fresh (not from the cache)."""
 
     scores: list[float]
-    rollouts: list[Rollout]
+    traces: list[Trace]
     metric_calls: int
 
     @property
     def outputs(self) -> list[list[str]]:
         """The generated completions, per example, per sample."""
-        return [r.outputs for r in self.rollouts]
+        return [t.outputs for t in self.traces]
 
 
 class Adapter(Protocol):
@@ -88,11 +77,11 @@ class Adapter(Protocol):
     count_tokens: Callable[[str], int] | None
     max_context_tokens: int | None
 
-    def evaluate(self, candidate: Candidate, batch: Sequence[Example], capture_traces: bool = False) -> EvalResult: ...
+    def evaluate(self, batch: Sequence[Example], candidate: Candidate, capture_traces: bool = False) -> EvalResult: ...
 
-    def evaluate_many(self, candidates: Sequence[Candidate], batch: Sequence[Example]) -> list[EvalResult]: ...
+    def evaluate_many(self, batch: Sequence[Example], candidates: Sequence[Candidate]) -> list[EvalResult]: ...
 
-    def evaluate_pairs(self, items: Sequence[tuple[Candidate, Sequence[Example]]]) -> list[EvalResult]: ...
+    def evaluate_pairs(self, items: Sequence[tuple[Sequence[Example], Candidate]]) -> list[EvalResult]: ...
 
     def make_reflective_dataset(self, candidate: Candidate, result: EvalResult, components: Sequence[str],
                                 max_output_chars: int = 2000) -> dict[str, list[dict[str, str]]]: ...
@@ -117,7 +106,7 @@ class SamplerEvaluator:
     scores serially here.
     """
 
-    def __init__(self, generator: TextGenerator, task: Task, config: EvalConfig = EvalConfig(),
+    def __init__(self, generator: TextGenerator, task: Task, config: ScoringConfig = ScoringConfig(),
                  params: Any = None, policy_step: int = 0, scorer: Scorer | None = None):
         if scorer is not None and getattr(scorer.task, "name", None) != getattr(task, "name", None):
             raise ValueError(f"scorer is for task {getattr(scorer.task, 'name', None)!r}, "
@@ -139,14 +128,14 @@ class SamplerEvaluator:
         digest = hashlib.sha256(context.encode("utf-8")).hexdigest()[:32]
         return f"{self.policy_step}|{example_id}|{digest}"
 
-    def evaluate_many(self, candidates: Sequence[Candidate], batch: Sequence[Example]) -> list[EvalResult]:
+    def evaluate_many(self, batch: Sequence[Example], candidates: Sequence[Candidate]) -> list[EvalResult]:
         """Score every candidate on every example of ``batch``; one generator call for the misses."""
-        return self.evaluate_pairs([(c, batch) for c in candidates])
+        return self.evaluate_pairs([(batch, c) for c in candidates])
 
-    def evaluate_pairs(self, items: Sequence[tuple[Candidate, Sequence[Example]]]) -> list[EvalResult]:
-        """Score each (candidate, batch) item, one result per item in order; one generator call
-        for the misses of all items. A rollout shared by items is charged to the first."""
-        scored = [(render_context(c), list(batch)) for c, batch in items]
+    def evaluate_pairs(self, items: Sequence[tuple[Sequence[Example], Candidate]]) -> list[EvalResult]:
+        """Score each (batch, candidate) item, one result per item in order; one generator call
+        for the misses of all items. A sample shared by items is charged to the first."""
+        scored = [(render_context(c), list(batch)) for batch, c in items]
         missing: dict[str, tuple[str, Example]] = {}
         for context, batch in scored:
             for ex in batch:
@@ -167,27 +156,27 @@ class SamplerEvaluator:
             graded = self.scorer.score(flat_examples, [out for outs in completions for out in outs])
             for i, ((key, (_, ex)), outs) in enumerate(zip(missing.items(), completions)):
                 mine = graded[i * n:(i + 1) * n]
-                self.cache[key] = dataclasses.asdict(Rollout(ex.id, ex.prompt, list(outs),
+                self.cache[key] = dataclasses.asdict(Trace(ex.id, ex.prompt, list(outs),
                                                              [s for s, _ in mine], [f for _, f in mine]))
                 fresh[key] = n
         results = []
         for context, batch in scored:
             keys = [self._key(context, ex.id) for ex in batch]
-            rollouts = [Rollout(**self.cache[k]) for k in keys]
+            traces = [Trace(**self.cache[k]) for k in keys]
             calls = sum(fresh.pop(k, 0) for k in keys)  # a duplicate pair is charged once
-            results.append(EvalResult([r.score for r in rollouts], rollouts, calls))
+            results.append(EvalResult([t.score for t in traces], traces, calls))
         return results
 
-    def evaluate(self, candidate: Candidate, batch: Sequence[Example], capture_traces: bool = False) -> EvalResult:
-        """Score one candidate on ``batch``; rollouts are always kept (``capture_traces`` is
-        accepted for the adapter interface: traces cost nothing extra here)."""
-        return self.evaluate_many([candidate], batch)[0]
+    def evaluate(self, batch: Sequence[Example], candidate: Candidate, capture_traces: bool = False) -> EvalResult:
+        """Score one candidate on ``batch`` (gepa's argument order); traces are always kept
+        (``capture_traces`` is accepted for the adapter interface: they cost nothing extra here)."""
+        return self.evaluate_many(batch, [candidate])[0]
 
     def make_reflective_dataset(self, candidate: Candidate, result: EvalResult, components: Sequence[str],
                                 max_output_chars: int = 2000) -> dict[str, list[dict[str, str]]]:
         """One record (Inputs, Generated Outputs, Feedback) per sample, for each component."""
         records = [reflective_record(r.inputs, out, fb, max_output_chars)
-                   for r in result.rollouts for out, fb in zip(r.outputs, r.feedbacks)]
+                   for r in result.traces for out, fb in zip(r.outputs, r.feedbacks)]
         return {name: list(records) for name in components}
 
     def state(self) -> dict[str, Any]:

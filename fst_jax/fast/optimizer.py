@@ -24,11 +24,12 @@ from fst_jax import distributed
 from fst_jax.config import ConfigError, require, require_in_registry
 from fst_jax.fast.candidates import Budget, Candidate, Member, Population
 from fst_jax.fast.contamination import LeakDetector
-from fst_jax.fast.evaluator import Adapter, EvalConfig, EvalResult, SamplerEvaluator, TextGenerator
+from fst_jax.fast.evaluator import Adapter, EvalResult, SamplerEvaluator, ScoringConfig
 from fst_jax.fast.reflection import (ReflectionConfig, ReflectionError, ReflectionLM, estimate_tokens,
                                      make_reflection_lm, parse_proposal, reflect_batch, render_meta_prompt)
 from fst_jax.fast.strategies import (ACCEPTANCE, SELECTORS, EpochShuffledSampler, Progress, StopLimits,
                                      stop_reason, top_k)
+from fst_jax.generation import TextGenerator
 from fst_jax.tasks.base import Example, Task, by_id
 from fst_jax.tasks.rewards import Scorer
 
@@ -71,7 +72,7 @@ class GEPAConfig:
     leak_overlap: float | None = 0.5
     seed: int = 0
     reflection: ReflectionConfig = dataclasses.field(default_factory=ReflectionConfig)
-    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    eval: ScoringConfig = dataclasses.field(default_factory=ScoringConfig)
 
     def __post_init__(self):
         require_in_registry(self.selector, SELECTORS, "candidate selector")
@@ -210,7 +211,7 @@ class GEPAOptimizer:
         texts = [dict(s.components) if isinstance(s, Member) else dict(s) for s in seeds]
         if self.config.component is not None and any(self.config.component not in t for t in texts):
             raise ValueError(f"config.component {self.config.component!r} is missing from a seed candidate")
-        for result, seed, text in zip(self.evaluator.evaluate_many(texts, self.anchor), seeds, texts):
+        for result, seed, text in zip(self.evaluator.evaluate_many(self.anchor, texts), seeds, texts):
             self.budget.metric_calls += result.metric_calls
             self.budget.rescore_calls += result.metric_calls
             carried = isinstance(seed, Member)
@@ -242,13 +243,13 @@ class GEPAOptimizer:
             record = {"proposal": index, "parent": parent_id, "batch": [e.id for e in batch]}
             drafts.append(_Draft(index, pop.members[parent_id], batch, record))
         budget.proposals += count
-        parent_evals = self.evaluator.evaluate_pairs([(d.parent.components, d.batch) for d in drafts])
+        parent_evals = self.evaluator.evaluate_pairs([(d.batch, d.parent.components) for d in drafts])
         for d, result in zip(drafts, parent_evals, strict=True):
             d.parent_eval, d.calls = result, result.metric_calls
             d.record["parent_scores"] = result.scores
         self._reflect(drafts)
         scoring = [d for d in drafts if d.child is not None]
-        child_evals = self.evaluator.evaluate_pairs([(d.child, d.batch) for d in scoring])
+        child_evals = self.evaluator.evaluate_pairs([(d.batch, d.child) for d in scoring])
         for d, result in zip(scoring, child_evals, strict=True):
             d.calls += result.metric_calls
             d.record["child_scores"] = d.child_scores = result.scores
@@ -261,7 +262,7 @@ class GEPAOptimizer:
                 d.outcome = "rejected"
             else:
                 accepted.append(d)
-        full = self.evaluator.evaluate_many([d.child for d in accepted], self.anchor) if accepted else []
+        full = self.evaluator.evaluate_many(self.anchor, [d.child for d in accepted]) if accepted else []
         for d, result in zip(accepted, full, strict=True):
             d.calls += result.metric_calls
             member = pop.add(d.child, result.scores, origin="reflection", parents=[d.parent.id],

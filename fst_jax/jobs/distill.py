@@ -51,13 +51,12 @@ from fst_jax.evaluation import EvaluationConfig, EvaluationHook, chunked_exact_k
 from fst_jax.jobs.train import RESUMABLE_CHANGES, TrainJob, _floats
 from fst_jax.metrics import LoggingConfig, make_writers, read_jsonl
 from fst_jax.rl.optimizer import OptimizerConfig, apply_if, learning_rate, make_optimizer
+from fst_jax.runs import CONTEXT_MODES, RunFolder
 from fst_jax.sampling import PromptBatch, Sampler, Samples
 from fst_jax.sharding import BATCH_AXES, batch_sharding, replicated, state_shardings
 from fst_jax.tasks import make_task
 
 log = logging.getLogger(__name__)
-
-SOURCE_MODES = ("fst", "gepa")  # runs that evolved a context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,25 +217,23 @@ class SourceRun:
 
 def read_run(run_dir: str | Path) -> SourceRun:
     """Check and read ``run_dir``; ConfigError naming the missing piece and the path."""
-    from fst_jax.jobs.compare import Run
-
-    folder = Path(run_dir)
-    if not (folder / "config.yaml").is_file():
-        raise ConfigError(f"run_dir {folder}: no config.yaml (not a run folder)")
-    job = load_config(TrainJob, folder / "config.yaml")
-    if job.mode not in SOURCE_MODES:
-        raise ConfigError(f"run_dir {folder} is a mode {job.mode!r} run; distillation needs an "
-                          f"evolved context (mode {' or '.join(SOURCE_MODES)})")
-    hf = folder / "hf"
-    if job.mode == "fst" and not (hf / "config.json").is_file():
-        raise ConfigError(f"run_dir {folder}: no exported weights in {hf} (unfinished run, or "
+    folder = RunFolder(run_dir)
+    if not folder.config_file.is_file():
+        raise ConfigError(f"run_dir {folder.path}: no config.yaml (not a run folder)")
+    job = load_config(TrainJob, folder.config_file)
+    if job.mode not in CONTEXT_MODES:
+        raise ConfigError(f"run_dir {folder.path} is a mode {job.mode!r} run; distillation needs an "
+                          f"evolved context (mode {' or '.join(CONTEXT_MODES)})")
+    hf = folder.weights
+    if job.trains_weights and not (hf / "config.json").is_file():
+        raise ConfigError(f"run_dir {folder.path}: no exported weights in {hf} (unfinished run, or "
                           "export_hf was false)")
-    if not (folder / "contexts.json").is_file():
-        raise ConfigError(f"run_dir {folder}: no contexts.json (unfinished run)")
-    contexts = Run.read(folder, job.mode).contexts
+    if not folder.has_contexts():
+        raise ConfigError(f"run_dir {folder.path}: no contexts.json (unfinished run)")
+    contexts = folder.contexts()
     if not contexts:
-        raise ConfigError(f"run_dir {folder}: contexts.json holds no context")
-    return SourceRun(folder, job, contexts, hf if hf.is_dir() else None)
+        raise ConfigError(f"run_dir {folder.path}: contexts.json holds no context")
+    return SourceRun(folder.path, job, contexts, hf if hf.is_dir() else None)
 
 
 def load_sampler(run: SourceRun, cfg: DistillConfig) -> Sampler:

@@ -7,10 +7,7 @@ resumable: arm ``base`` starts from ``probe.model`` (the base model), arm ``rl``
 phase A's exported weights (which are also that arm's KL reference). Phase A runs first, for the
 modes the arms need, when it has not finished (``run_compare`` resumes it).
 
-``write_plasticity_report`` writes ``<probe.output_dir>/report/``: ``plasticity.png`` (task B's
-validation mean@k against step, one curve per arm) and ``summary.{md,json}`` with, per arm, the
-final and best mean@k, the mean over evaluations (area under the curve per evaluation) and the
-first step at which the arm reached the base arm's best.
+``report`` then writes ``<probe.output_dir>/report/`` (``fst_jax.report.plasticity``).
 
     fst-plasticity --config experiments/plasticity_cpu.yaml
 """
@@ -18,20 +15,19 @@ first step at which the arm reached the base arm's best.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fst_jax.config import load_config, require
-from fst_jax.jobs.compare import CompareJob, Run, finished, mean_key, mode_job, run_compare
-from fst_jax.jobs.train import TrainJob, run_train_job
+from fst_jax.jobs.compare import CompareJob, mode_job, run_compare
+from fst_jax.jobs.train import TrainJob, finished, run_train_job
+from fst_jax.report.plasticity import write_report
+from fst_jax.runs import WEIGHT_MODES
 
 log = logging.getLogger(__name__)
 
-ARMS = ("base", "rl", "fst")
+ARMS = ("base", *WEIGHT_MODES)  # the base model and the final weights of each weight-training mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +61,7 @@ class PlasticityJob:
 
 def run_plasticity(job: PlasticityJob, *, max_steps_this_run: int | None = None) -> dict[str, Any]:
     """Phase A (the modes the arms need, if unfinished), then phase B for every arm (each
-    resumable, finished arms skipped), then ``write_plasticity_report``."""
+    resumable, finished arms skipped), then ``report``."""
     needed = [arm for arm in job.arms if arm != "base"]
     if needed:
         phase_a = job.phase_a_job()
@@ -86,60 +82,11 @@ def run_plasticity(job: PlasticityJob, *, max_steps_this_run: int | None = None)
             log.warning("plasticity: arm %s stopped at step %d of %d; rerun to continue", arm,
                         summary["steps_done"], sub.steps)
             return {}
-    return write_plasticity_report(job)
+    return report(job)
 
 
-def write_plasticity_report(job: PlasticityJob) -> dict[str, Any]:
-    """Read each arm's folder and write ``<probe.output_dir>/report/`` (see the module doc)."""
-    jobs = {arm: job.arm_job(arm) for arm in job.arms}
-    runs = {arm: Run.read(sub.output_dir, arm) for arm, sub in jobs.items()
-            if (Path(sub.output_dir) / "eval.jsonl").exists()}
-    require(bool(runs), f"no arm under {job.probe.output_dir} has evaluations yet")
-    key = mean_key(runs)
-    curves = {arm: run.curve(key) for arm, run in runs.items()}
-    reference = max(curves["base"][1]) if "base" in curves and curves["base"][1] else None
-    per_arm = {}
-    for arm, (steps, vals) in curves.items():
-        reached = [s for s, v in zip(steps, vals) if reference is not None and v >= reference]
-        per_arm[arm] = {"model": jobs[arm].model, "evaluations": len(vals),
-                        "final_mean": vals[-1] if vals else None, "max_mean": max(vals) if vals else None,
-                        "mean_over_evaluations": float(np.mean(vals)) if vals else None,
-                        "first_step_at_base_best": reached[0] if reached else None}
-    out = Path(job.probe.output_dir) / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    _plot(curves, key, job.probe.task, out / "plasticity.png")
-    summary = {"phase_a": job.phase_a, "task_b": job.probe.task, "steps": job.probe.steps,
-               "reward_key": key, "base_best": reference, "per_arm": per_arm,
-               "figures": ["plasticity.png"]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "summary.md").write_text(_markdown(summary))
-    return summary
+def report(job: PlasticityJob) -> dict[str, Any]:
+    """``fst_jax.report.plasticity.write_report`` of the arms' folders; returns its summary."""
+    return write_report(job, {arm: job.arm_job(arm) for arm in job.arms})
 
 
-def _plot(curves: dict[str, tuple[list[int], list[float]]], key: str, task: str, path: Path) -> Path:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.subplots()
-    for arm, (steps, vals) in curves.items():
-        ax.plot(steps, vals, marker="o", ms=3, label=f"from {arm} weights")
-    ax.set(xlabel=f"RL step on {task}", ylabel=key, title="Plasticity: fresh RL on task B")
-    ax.legend()
-    fig.savefig(path, dpi=120)
-    return path
-
-
-def _markdown(summary: dict[str, Any]) -> str:
-    def num(v):
-        return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-
-    key = summary["reward_key"]
-    lines = [f"# Plasticity: fresh RL on {summary['task_b']} ({summary['steps']} steps)", "",
-             f"Phase A: `{summary['phase_a']}`. Base arm's best {key}: {num(summary['base_best'])}.", "",
-             f"| arm | weights | final {key} | best {key} | mean over evaluations | first step at base's best |",
-             "|---|---|---|---|---|---|"]
-    for arm, n in summary["per_arm"].items():
-        lines.append(f"| {arm} | `{n['model']}` | {num(n['final_mean'])} | {num(n['max_mean'])} | "
-                     f"{num(n['mean_over_evaluations'])} | {num(n['first_step_at_base_best'])} |")
-    lines += ["", "![plasticity.png](plasticity.png)"]
-    return "\n".join(lines) + "\n"

@@ -21,11 +21,10 @@ intact checkpoint and follows the same trajectory; SIGTERM saves a checkpoint an
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,10 +44,11 @@ from fst_jax.fast.reflection import (BatchedLM, ReflectionError, Reply, estimate
 from fst_jax.metrics import LoggingConfig, make_writers
 from fst_jax.models.loading import load_model
 from fst_jax.padding import pow2
-from fst_jax.plots import plot_run
+from fst_jax.report.figures import plot_run
 from fst_jax.rl.batch import to_global
 from fst_jax.rl.train_step import LearnerConfig, init_train_state, make_train_step
 from fst_jax.rollout import rollout, sampling_weights
+from fst_jax.runs import MODES, RunFolder
 from fst_jax.sampling import Sampler, SamplingConfig
 from fst_jax.sharding import MeshConfig, make_mesh
 from fst_jax.tasks import make_task
@@ -56,7 +56,6 @@ from fst_jax.tasks.rewards import FunctionScorer, RewardConfig, RewardPool
 
 log = logging.getLogger(__name__)
 
-MODES = ("rl", "gepa", "fst")
 # What a resumed run may change: the number of steps (to extend it), where it lives, how it logs,
 # checkpoints and is laid out on devices, and the dry run's target; anything else refuses.
 RESUMABLE_CHANGES = ("steps", "output_dir", "logging", "checkpoint", "mesh", "target")
@@ -107,7 +106,7 @@ class TrainJob:
     uses each stage's own original prompt.
     A relative ``checkpoint.directory`` is inside ``output_dir``."""
 
-    mode: Literal["rl", "gepa", "fst"] = "fst"
+    mode: str = "fst"  # one of fst_jax.runs.MODES
     model: str = "smollm2-135m-instruct"
     dtype: str = "float32"
     remat: bool = False  # rematerialise each layer in the backward pass (large models)
@@ -132,6 +131,7 @@ class TrainJob:
     target: TargetConfig = TargetConfig()  # the devices --dry-run checks (fst_jax.jobs.preflight)
 
     def __post_init__(self):
+        require(self.mode in MODES, f"mode {self.mode!r} is not one of {tuple(MODES)}")
         require(self.steps >= 1 and self.problems_per_step >= 1, "steps and problems_per_step must be >= 1")
         require(self.samples_per_problem >= 2, "samples_per_problem must be >= 2 (advantages need a group)")
         require(self.dtype in ("float32", "bfloat16"), "dtype must be float32 or bfloat16")
@@ -161,11 +161,16 @@ class TrainJob:
 
     @property
     def trains_weights(self) -> bool:
-        return self.mode in ("rl", "fst")
+        return MODES[self.mode].trains_weights
 
     @property
     def evolves_contexts(self) -> bool:
-        return self.mode in ("gepa", "fst")
+        return MODES[self.mode].evolves_contexts
+
+
+def finished(job: TrainJob) -> bool:
+    """Whether ``job``'s run folder holds its finished run (with ``hf/`` when it exports)."""
+    return RunFolder(job.output_dir).finished(job.steps, job.trains_weights and job.export_hf)
 
 
 class _Stage:
@@ -305,7 +310,7 @@ def run_train_job(job: TrainJob, *, reflection_fn: Callable[[str], str] | None =
                 _evaluate(hook, writers, progress, step, job.mode, sampler, policy, base, task,
                           contexts, original)
             progress.set_description("rollout")
-            ro = rollout(sampler, policy, st.stream.next_batch(), contexts, G, st.scorer.score,
+            ro = rollout(sampler, policy, st.stream.next_batch(), contexts, G, st.scorer,
                          seed=(job.seed * 1_000_003 + step) % 2**31, advantage=cfg.advantage)
             seconds.update(ro.seconds)
             metrics: dict[str, float] = {}
@@ -428,8 +433,9 @@ def _finish(job, out: Path, step: int, members, original, graphdef, state, token
         summary["hf_folder"] = str(save_hf_folder(  # every process gathers, process 0 writes
             nnx.merge(graphdef, sampling_weights(state, job.learner)), out / "hf", tokenizer))
     if jax.process_index() == 0:
-        (out / "contexts.json").write_text(json.dumps(
-            [dataclasses.asdict(m) for m in members] if members else [{"context": original}], indent=2))
+        folder = RunFolder(out)
+        folder.write_contexts([dataclasses.asdict(m) for m in (members or [Member(0, {"context": original},
+                                                                                  "original", [], 0)])])
         plot_run(out)
-        (out / "result.json").write_text(json.dumps(summary, indent=2))
+        folder.write_result(summary)
     return summary

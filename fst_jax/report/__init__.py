@@ -1,7 +1,9 @@
-"""Reports: what a set of run folders shows, with its uncertainty.
+"""Reports: what a set of run folders shows, with its uncertainty, and every figure.
 
-``stats``: the paired two-way (seeds x problems) bootstrap behind every interval;
-``evidence``: a comparison's headline quantities and between-mode differences across seeds,
-read from the per-problem logs (``eval_problems.jsonl``), with their intervals, figures and
-pre-stated flags.
+``curves``: running max and mean, steps to a level, the ScaleRL sigmoid fit; ``figures``: every
+figure, in one style; ``comparison``: a comparison's per-seed report (``summary.md``, the 2x2,
+fits, KL at matched reward, the GEPA rounds); ``evidence``: its headline quantities and
+between-mode differences across seeds, with paired intervals (``stats``: the two-way bootstrap);
+``plasticity``: the plasticity probe's report. Reports read run folders (``fst_jax.runs``) and
+the jobs' configs; the jobs (``fst_jax.jobs``) call them.
 """

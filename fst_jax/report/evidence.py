@@ -35,12 +35,12 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from fst_jax.config import require
-from fst_jax.metrics import read_jsonl
 from fst_jax.report.stats import METHOD, bootstrap
+from fst_jax.runs import EVAL_PROBLEMS, MODES, WEIGHT_MODES
 
 PAIRS = (("fst", "rl"), ("fst", "gepa"), ("gepa", "rl"))
 KL_KEYS = {"evaluated context": "eval/kl_to_base", "original prompt": "eval/kl_to_base_original"}
-_MODE = r"(rl|gepa|fst)"
+_MODE = "(" + "|".join(MODES) + ")"
 _SCORE = r"(mean@(?P<k>\d+)|pass@1)"
 _QUANTITIES = (rf"(final|best) {_SCORE}", r"steps to rl's peak",
                rf"KL at matched mean@(?P<k2>\d+) \((evaluated context|original prompt)\)",
@@ -66,16 +66,16 @@ def _counts(idx: np.ndarray, n: int) -> np.ndarray:
 
 
 class Logs:
-    """The per-problem logs of ``runs`` (``{seed: {mode: Run}}``) as arrays ``[S, P, T]``:
+    """The per-problem logs of ``runs`` (``{seed: {mode: RunLogs}}``) as arrays ``[S, P, T]``:
     ``scores[key][mode]`` (per-problem mean over samples), ``kl[key][mode]`` (per-problem KL sum
     over its sampled tokens) and ``tokens[key][mode]``; ``steps`` (T), ``seeds``, ``problems``.
     Seeds where some mode has no log yet are left out, and only the evaluation steps every run
     shares are kept: while a run is unfinished, "final" is the last step all runs reached."""
 
     def __init__(self, runs: Mapping[int, Mapping[str, Any]]):
-        logs = {s: {m: read_jsonl(Path(r.folder) / "eval_problems.jsonl") for m, r in rs.items()}
+        logs = {s: {m: r.folder.rows(EVAL_PROBLEMS) for m, r in rs.items()}
                 for s, rs in runs.items()}
-        self.modes = sorted({m for rs in runs.values() for m in rs}, key=("rl", "gepa", "fst").index)
+        self.modes = sorted({m for rs in runs.values() for m in rs}, key=list(MODES).index)
         self.seeds = [s for s, ls in logs.items()
                       if all(ls.get(m) for m in self.modes)]
         require(bool(self.seeds), "no seed has per-problem logs for every mode")
@@ -110,7 +110,7 @@ def _quantities(logs: Logs, k: int, every: int) -> dict[str, Callable]:
     steps = np.asarray(logs.steps)
     censor = float(steps[-1] + every)  # "never": one evaluation past the last
     trained = steps > 0
-    weight_modes = [m for m in ("rl", "fst") if m in logs.modes]
+    weight_modes = [m for m in WEIGHT_MODES if m in logs.modes]
 
     def pooled(x):  # [S, P, T] -> [..., T]
         return lambda ws, wp: np.einsum("...s,spt,...p->...t", ws, x, wp)
@@ -222,12 +222,12 @@ def markdown(ev: dict[str, Any]) -> str:
 
 def write_evidence(job: Any, runs: Mapping[int, Mapping[str, Any]], out: Path) -> dict[str, Any] | None:
     """``out/evidence.md``, ``evidence.json`` and their figures for a ``CompareJob``'s runs
-    (``{seed: {mode: Run}}``); returns the evidence, or None when no run has per-problem logs
+    (``{seed: {mode: RunLogs}}``); returns the evidence, or None when no run has per-problem logs
     yet, the job is a task schedule (its stages evaluate different problems) or it evaluates
     fewer than 2 problems."""
     from fst_jax.report.figures import plot_kl_vs_reward, plot_seed_curves
 
-    if len(job.stages()) > 1 or not any((Path(r.folder) / "eval_problems.jsonl").exists()
+    if len(job.stages()) > 1 or not any(r.folder.stream(EVAL_PROBLEMS).exists()
                                         for rs in runs.values() for r in rs.values()):
         return None
     logs = Logs(runs)

@@ -7,8 +7,8 @@ for all meta-prompts)."""
 import hashlib
 import random
 
-from fst_jax.fast import (SELECTORS, EpochShuffledSampler, EvalConfig, GEPAConfig, GEPAOptimizer, Population,
-                          ReflectionConfig, SamplerEvaluator, make_reflection_lm, run_gepa_round)
+from fst_jax.fast import (SELECTORS, EpochShuffledSampler, GEPAConfig, GEPAOptimizer, Population,
+                          ReflectionConfig, SamplerEvaluator, ScoringConfig, make_reflection_lm, run_gepa_round)
 from fst_jax.models.configs import tiny
 from fst_jax.models.tokenizer import ByteChatTokenizer
 from fst_jax.models.transformer import init_model
@@ -175,7 +175,7 @@ def test_parallel_round_on_the_jitted_sampler_is_deterministic_and_reflects_in_o
                 return sampler.generate_text(params, pairs, **kw)
 
         cfg = GEPAConfig(max_metric_calls=None, max_proposals=3, parallel_proposals=3, minibatch_size=2,
-                         skip_perfect=False, eval=EvalConfig(temperature=1.0, seed=1),
+                         skip_perfect=False, eval=ScoringConfig(temperature=1.0, seed=1),
                          reflection=ReflectionConfig(template=template, max_output_chars=20, max_tokens=16,
                                                      temperature=1.0))
         result = run_gepa_round(Counting(), sampler.params, TASK, anchor, [{"context": "Solve it."}], cfg)

@@ -4,7 +4,7 @@ context-length guard from the tokenizer, and the policy reflecting through the s
 
 import pytest
 
-from fst_jax.fast import EvalConfig, GEPAConfig, ReflectionConfig, run_gepa_round
+from fst_jax.fast import GEPAConfig, ReflectionConfig, ScoringConfig, run_gepa_round
 from fst_jax.tasks import make_task
 
 from fst_jax import sampling  # noqa: E402
@@ -40,7 +40,7 @@ def sampler():
 def round_once(sampler, backend):
     gen = CountingSampler(sampler)
     config = GEPAConfig(max_metric_calls=None, max_proposals=2, minibatch_size=2, skip_perfect=False,
-                        eval=EvalConfig(samples_per_example=2, temperature=1.0, seed=1),
+                        eval=ScoringConfig(samples_per_example=2, temperature=1.0, seed=1),
                         reflection=ReflectionConfig(backend=backend, template=TEMPLATE, max_output_chars=20,
                                                     temperature=1.0))
     fn = (lambda prompt: "```\n" + "Say the number. " * 10 + "\n```") if backend == "callable" else None

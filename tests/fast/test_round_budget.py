@@ -9,8 +9,8 @@ import hashlib
 import pytest
 
 from fst_jax.config import ConfigError
-from fst_jax.fast import EvalConfig, GEPAConfig, ReflectionConfig, run_gepa_round
-from fst_jax.fast.job import GEPAJob
+from fst_jax.fast import GEPAConfig, ReflectionConfig, ScoringConfig, run_gepa_round
+from fst_jax.jobs.gepa import GEPAJob
 from fst_jax.jobs.preflight import gepa_round_line
 from fst_jax.jobs.train import FastConfig, TrainJob
 from fst_jax.tasks import make_task
@@ -79,7 +79,7 @@ def test_train_and_gepa_jobs_refuse_a_round_without_proposals():
     with pytest.raises(ConfigError, match=r"cannot afford.*1536"):
         fst_job(64, rescoring_counts_toward_budget=True)
     with pytest.raises(ConfigError, match="cannot afford"):
-        fst_job(32, rescoring_counts_toward_budget=True, eval=EvalConfig(samples_per_example=2))
+        fst_job(32, rescoring_counts_toward_budget=True, eval=ScoringConfig(samples_per_example=2))
     with pytest.raises(ConfigError, match="cannot afford"):
         GEPAJob(anchor_size=64, gepa=GEPAConfig(max_metric_calls=40, rescoring_counts_toward_budget=True))
 

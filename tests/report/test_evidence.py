@@ -10,6 +10,7 @@ import pytest
 
 from fst_jax.config import ConfigError
 from fst_jax.report.evidence import Logs, check_quantity, evidence, markdown
+from fst_jax.runs import RunFolder
 
 
 def write_logs(folder: Path, mode: str, steps, scores, greedy, kl=None, ids=None):
@@ -28,7 +29,7 @@ def write_logs(folder: Path, mode: str, steps, scores, greedy, kl=None, ids=None
                 rec["kl"] = {"eval/kl_to_base": per, "eval/kl_to_base_original": (2 * np.asarray(kl[t])).tolist()}
                 rec["kl_tokens"] = {key: np.full((P, 2), 3).tolist() for key in rec["kl"]}
             f.write(json.dumps({"step": step, **{k: v for k, v in rec.items() if k != "step"}}) + "\n")
-    return SimpleNamespace(folder=folder)
+    return SimpleNamespace(folder=RunFolder(folder))
 
 
 def rows(ev):

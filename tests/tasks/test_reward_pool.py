@@ -6,7 +6,7 @@ import time
 import pytest
 
 from fst_jax.config import ConfigError
-from fst_jax.fast.evaluator import EvalConfig, SamplerEvaluator
+from fst_jax.fast.evaluator import SamplerEvaluator, ScoringConfig
 from fst_jax.tasks import Example, make_task
 from fst_jax.tasks.rewards import RewardConfig, RewardPool
 
@@ -96,8 +96,8 @@ class _EchoGenerator:
 def test_evaluator_scores_each_batch_with_one_scorer_call():
     task = make_task("arithmetic")
     scorer = _CountingScorer(task)
-    ev = SamplerEvaluator(_EchoGenerator(), task, EvalConfig(samples_per_example=2), scorer=scorer)
-    ev.evaluate_many([{"c": "one"}, {"c": "three"}], task.examples("train", 3))
+    ev = SamplerEvaluator(_EchoGenerator(), task, ScoringConfig(samples_per_example=2), scorer=scorer)
+    ev.evaluate_many(task.examples("train", 3), [{"c": "one"}, {"c": "three"}])
     assert scorer.calls == [2 * 3 * 2]
     with pytest.raises(ValueError, match="scorer is for task"):
         SamplerEvaluator(_EchoGenerator(), task, scorer=RewardPool(MoodyTask()))

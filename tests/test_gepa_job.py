@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from fst_jax.config import load_config
-from fst_jax.fast.job import GEPAJob, run_gepa_job
+from fst_jax.jobs.gepa import GEPAJob, run_gepa_job
 from fst_jax.models.configs import tiny
 from fst_jax.models.transformer import init_model
 from fst_jax.models.weights import save_hf_folder

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from fst_jax.config import require, to_dict
-from fst_jax.fast.evaluator import EvalConfig
+from fst_jax.fast.evaluator import ScoringConfig
 from fst_jax.fast.optimizer import GEPAConfig, run_gepa_round
 from fst_jax.fast.reflection import ReflectionConfig
+from fst_jax.report.figures import plot_gepa_progress
 from fst_jax.sampling import Sampler, SamplingConfig
 from fst_jax.tasks import make_task, safe_reward
 
@@ -43,7 +44,7 @@ class GEPAJob:
     output_dir: str = "runs/gepa"
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=96, temperature=0.0,
                                               prompt_buckets=(128, 256, 512, 1024, 2048))
-    gepa: GEPAConfig = GEPAConfig(max_metric_calls=160, eval=EvalConfig(temperature=0.0),
+    gepa: GEPAConfig = GEPAConfig(max_metric_calls=160, eval=ScoringConfig(temperature=0.0),
                                   reflection=ReflectionConfig(max_tokens=256))
 
     def __post_init__(self):
@@ -73,32 +74,6 @@ def time_metric_calls(sampler: Sampler, examples, context: str) -> dict[str, flo
     single = (time.perf_counter() - t) / len(pairs)
     return {"batched_s_per_call": round(batched, 3), "one_at_a_time_s_per_call": round(single, 3),
             "speedup": round(single / batched, 2), "batch": len(pairs)}
-
-
-def plot_progress(history: list[dict[str, Any]], seed_score: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    xs = [0] + [h["metric_calls"] for h in history]
-    ax.step(xs, [seed_score] + [h["best"] for h in history], where="post", label="best anchor score")
-    styles = {"accepted": ("o", "tab:green"), "rejected": ("x", "tab:red")}
-    for outcome, (marker, color) in styles.items():
-        pts = [(h["metric_calls"], h["best"]) for h in history if h["outcome"] == outcome]
-        if pts:
-            ax.scatter(*zip(*pts), marker=marker, color=color, label=outcome, zorder=3)
-    skipped = [(h["metric_calls"], h["best"]) for h in history if h["outcome"].startswith("skipped")]
-    if skipped:
-        ax.scatter(*zip(*skipped), marker=".", color="gray", label="skipped", zorder=3)
-    ax.set_xlabel("metric calls")
-    ax.set_ylabel("mean anchor score")
-    ax.set_title("GEPA on frozen weights")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def run_gepa_job(job: GEPAJob) -> dict[str, Any]:
@@ -138,5 +113,5 @@ def run_gepa_job(job: GEPAJob) -> dict[str, Any]:
         "outcomes": [h["outcome"] for h in history],
     }
     (out / "result.json").write_text(json.dumps(record, indent=2))
-    plot_progress(history, aggregate[0], out / "progress.png")
+    plot_gepa_progress(history, aggregate[0], out / "progress.png")
     return record
