@@ -15,7 +15,8 @@ target model and mesh, compiles the project's ``make_train_step`` ahead of time 
 - one ``<name>_prefill`` and ``<name>_decode`` program per ``GenerateShape`` (the rollout, the
   evaluation's largest request, the policy reflector's meta-prompts): the sampler's programs
   compiled for that request (``Sampler.compile_generate``), whose prompt caches, per-sample
-  caches, logits and attention scores come on top of everything resident;
+  caches, logits and attention scores (and under FSDP the weights gathered whole,
+  ``Sampler.gathers``) come on top of everything resident;
 - ``total``: the largest peak of any program, each ``everything resident + its inputs that are
   not + outputs - aliased + temporaries``.
 
@@ -251,31 +252,72 @@ def _compiled(name: str, compile_fn):
         raise DryRunError(f"{name} does not fit: {str(e).splitlines()[0]}") from None
 
 
-_COLLECTIVE = re.compile(r"= (\([^)]*\)|\S+) (?:all-gather|all-reduce|reduce-scatter|all-to-all|"
-                         r"collective-permute)(?:-start)?\(")
+_COLLECTIVE = re.compile(r"= (\((?:[^()]|\([^()]*\))*\)|\S+) (?:all-gather|all-reduce|reduce-scatter|all-to-all|"
+                         r"collective-permute)(-start)?\(")
+
+
+def _loop_text(hlo: str) -> str:
+    """The instructions of HLO text's while loops (bodies and conditions: a scan, the decode's
+    token loop) and of every computation they call, nested loops included."""
+    comps, name = {}, None
+    for line in hlo.splitlines():
+        if line[:1] not in ("", " ") and line.endswith("{"):  # a computation's header
+            name = line.removeprefix("ENTRY ").split()[0].lstrip("%")
+            comps[name] = []
+        elif name is not None:
+            comps[name].append(line)
+    callees = lambda lines: {n for refs in re.findall(r"(?:body|condition|to_apply|calls|computations)="
+                                                      r"(\{[^}]*\}|%[\w.\-]+)", "\n".join(lines))
+                             for n in re.findall(r"%([\w.\-]+)", refs)}
+    todo = {n for lines in comps.values()
+            for n in re.findall(r"(?:body|condition)=%([\w.\-]+)", "\n".join(lines))}
+    inside: set[str] = set()
+    while todo:
+        n = todo.pop()
+        if n not in inside and n in comps:
+            inside.add(n)
+            todo |= callees(comps[n])
+    return "\n".join(line for n, lines in comps.items() if n in inside for line in lines)
+
+
+def collective_sizes(hlo: str, in_loops: bool = False) -> list[int]:
+    """Bytes of each array the collectives (all-gather, all-reduce, reduce-scatter, all-to-all,
+    collective-permute) in compiled HLO text produce, each loop body counted once: every element
+    of a combined (tuple) collective's result; of an async ``-start`` (a tuple of its operand,
+    result and buffers), the largest: the result. ``in_loops``: only those inside while-loop
+    bodies (run at every iteration: a layer, a micro-batch, a decoded token)."""
+    if in_loops:
+        hlo = _loop_text(hlo)
+    sizes = []
+    for result, start in _COLLECTIVE.findall(hlo):
+        arrays = []
+        for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", result):
+            bits = int(re.sub(r"\D", "", dtype) or 8)  # pred: a byte
+            arrays.append(math.prod(int(d) for d in dims.split(",") if d) * max(1, bits // 8))
+        sizes += [max(arrays)] if start else arrays
+    return sizes
 
 
 def collective_bytes(hlo: str) -> int:
-    """Bytes of the results of the collectives (all-gather, all-reduce, reduce-scatter,
-    all-to-all, collective-permute; of an async ``-start``, its last tuple element: the result)
-    in compiled HLO text, each loop body counted once."""
-    total = 0
-    for result in _COLLECTIVE.findall(hlo):
-        dtype, dims = re.findall(r"(\w+)\[([\d,]*)\]", result)[-1]
-        bits = int(re.sub(r"\D", "", dtype) or 8)  # pred: a byte
-        total += math.prod(int(d) for d in dims.split(",") if d) * max(1, bits // 8)
-    return total
+    """The sum of ``collective_sizes``."""
+    return sum(collective_sizes(hlo))
 
 
 def _cost(compiled, flops: float, floor_bytes: float, chip) -> dict[str, float]:
     """Per device: ``flops`` (by formula, ``fst_jax.roofline``), XLA's ``xla_flops`` and
-    ``xla_bytes`` (loop bodies counted once), ``bytes`` (the larger of XLA's and
+    ``xla_bytes`` (loop bodies counted once), ``xla_collective_bytes``, those inside loop bodies
+    ``xla_loop_collective_bytes`` and the largest single collective's
+    ``xla_largest_collective_bytes`` (``collective_sizes``), ``bytes`` (the larger of XLA's and
     ``floor_bytes``) and, for a TPU ``chip`` (``fst_jax.tpu.Slice``), ``roofline_seconds``."""
     ca = compiled.cost_analysis()
     ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
+    hlo = compiled.as_text()
+    sizes = collective_sizes(hlo)
     out = {"flops": float(flops), "xla_flops": float(ca.get("flops", 0.0)),
            "xla_bytes": float(ca.get("bytes accessed", 0.0)),
-           "xla_collective_bytes": float(collective_bytes(compiled.as_text()))}
+           "xla_collective_bytes": float(sum(sizes)),
+           "xla_loop_collective_bytes": float(sum(collective_sizes(hlo, in_loops=True))),
+           "xla_largest_collective_bytes": float(max(sizes, default=0))}
     out["bytes"] = max(out["xla_bytes"], float(floor_bytes))
     if chip is not None:
         out["roofline_seconds"] = roofline_seconds(out["flops"], out["bytes"], chip.device_flops,
@@ -351,9 +393,10 @@ def measure(spec: DryRunSpec) -> dict[str, Any]:
             cfg = dataclasses.replace(cfg, unroll_layers=False)
         sampler = Sampler(nnx.eval_shape(lambda: init_model(spec.model)),
                           ByteChatTokenizer(cfg.max_context_tokens), cfg, mesh)
-        # Full fine-tuning samples from the trained weights themselves; LoRA from a merged copy.
+        # Full fine-tuning samples from the trained weights themselves; LoRA from a merged copy;
+        # under FSDP both from a gathered copy (``Sampler.gathers``).
         weights = _shard_bytes(sampler.params)
-        held = weights if parts["lora"] == 0 else 0
+        held = weights if parts["lora"] == 0 and not sampler.gathers else 0
         layer_weights = _shard_bytes([x for x in jax.tree.leaves(sampler.params)
                                       if x.ndim >= 2 and x.shape[0] == m.num_layers])
         for g in spec.generate:

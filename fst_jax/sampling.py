@@ -41,7 +41,8 @@ from fst_jax.distributed import fetch
 from fst_jax.models.tokenizer import PromptTokenizer
 from fst_jax.models.transformer import KV, SharedKV, Transformer, positions_from_mask
 from fst_jax.padding import bucket, pad_rows, pow2
-from fst_jax.sharding import BATCH_AXES, batch_sharding, replicated, shard_state, state_shardings
+from fst_jax.sharding import (BATCH_AXES, batch_sharding, fsdp_gathered, replicated, shard_state,
+                              state_shardings)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,10 @@ class SamplingConfig:
     copies scanned slices every step; costs a second copy of the weights while generating) or
     with ``lax.scan`` over the stacked layers; None picks unrolled on the CPU backend only.
     ``prefill_query_chunk``: prompts longer than this are prefilled this many query positions
-    at a time (``shared_attention``), bounding the attention scores' memory; None: all at once."""
+    at a time (``shared_attention``), bounding the attention scores' memory; None: all at once.
+    ``gather_weights``: on a mesh with ``fsdp > 1``, gather the weights whole onto each fsdp device
+    once per request (``Sampler.gathers``; they then cost their full bytes per device while it
+    runs) instead of at every layer of every decoded token; false for a model too large for that."""
 
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -67,6 +71,7 @@ class SamplingConfig:
     stop_at_eos: bool = True
     unroll_layers: bool | None = None
     prefill_query_chunk: int | None = 512
+    gather_weights: bool = True
 
     def __post_init__(self):
         require(self.max_new_tokens > 0, "max_new_tokens must be positive")
@@ -241,7 +246,11 @@ class Sampler:
 
     ``params`` passed to ``generate`` is the model's ``nnx.State`` (e.g. the current slow
     weights); ``self.params`` holds the weights the sampler was built with. ``trace_counts``
-    counts how often each jitted program was traced (= compiled).
+    counts how often each jitted program was traced (= compiled). ``gathers``: on a mesh with
+    ``fsdp > 1`` (and ``config.gather_weights``), ``generate`` first gathers ``params``, in the
+    compute dtype, whole onto each fsdp device (still split over ``tensor``): every decode step
+    reads every weight, so they cross chips once per request instead of at every token, for
+    their bytes in the compute dtype per device while the request runs.
     """
 
     def __init__(self, model: Transformer, tokenizer: PromptTokenizer,
@@ -260,6 +269,9 @@ class Sampler:
         else:
             self.params = shard_state(params, mesh) if mesh is not None else params
         self.trace_counts: collections.Counter = collections.Counter()
+        self.gathers = config.gather_weights and mesh is not None and mesh.shape["fsdp"] > 1
+        self._compute_dtype = jnp.dtype(model.cfg.dtype)
+        self._gather = jax.jit(self._gathered)
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("n",))
         self._decode = jax.jit(self._decode_fn, static_argnames=("max_new",))
 
@@ -271,6 +283,13 @@ class Sampler:
 
         net, tokenizer = load_model(model, dtype, config.max_context_tokens)
         return cls(net, tokenizer, config, mesh)
+
+    def _gathered(self, params):
+        """``params`` in the compute dtype (the model casts every weight to it where it is used),
+        whole on each fsdp device."""
+        params = jax.tree.map(lambda x: x.astype(self._compute_dtype)
+                              if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+        return jax.lax.with_sharding_constraint(params, fsdp_gathered(params, self.mesh))
 
     # -- host side ------------------------------------------------------------------------
     def encode(self, pairs: Sequence[tuple[str, str]]) -> PromptBatch:
@@ -319,14 +338,18 @@ class Sampler:
             return jax.ShapeDtypeStruct(shape, dtype, sharding=None if self.mesh is None
                                         else self._row_sharding(shape))
 
-        prefill = self._prefill.lower(self.graphdef, self.params, arg((C, Lc), jnp.int32),
+        params = self.params
+        if self.gathers:
+            shapes = jax.eval_shape(self._gathered, params)
+            params = abstract_target(shapes, fsdp_gathered(shapes, self.mesh))
+        prefill = self._prefill.lower(self.graphdef, params, arg((C, Lc), jnp.int32),
                                       arg((C, Lc), jnp.bool_), arg((C * m, Lt), jnp.int32),
                                       arg((C * m, Lt), jnp.bool_), arg((C * m,), jnp.int32), n=n).compile()
         logits, levels = prefill.out_info  # shapes and shardings of the prefill's outputs
         B = C * m * n
         rows = [arg((B,), dt) for dt in (jnp.int32, jnp.int32)]
         knobs = [arg((B,), dt) for dt in (jnp.float32, jnp.float32, jnp.int32)]
-        decode = self._decode.lower(self.graphdef, self.params, logits, levels, *rows, jax.random.key(0),
+        decode = self._decode.lower(self.graphdef, params, logits, levels, *rows, jax.random.key(0),
                                     *knobs, max_new=max_new_tokens).compile()
         return {"prefill": prefill, "decode": decode}
 
@@ -351,6 +374,8 @@ class Sampler:
         samples = np.arange(n, dtype=np.int32)
         row_ids = (ids[plan.prompt_of_slot][:, None] * n + samples).reshape(-1).astype(np.int32)
         start_pos = np.repeat(plan.task_start + plan.task_mask.sum(1).astype(np.int32), n)
+        if self.gathers:
+            params = self._gather(params)
         first_logits, levels = self.prefill(params, plan, n)
         out = self._decode(self.graphdef, params, first_logits, levels, self._put(start_pos),
                            self._put(row_ids), jax.random.key(seed), self._put(temp),

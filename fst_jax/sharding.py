@@ -91,6 +91,13 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def fsdp_gathered(state: Any, mesh: Mesh) -> Any:
+    """``state_shardings`` with the ``fsdp`` axis dropped: every leaf whole on each fsdp device,
+    still split over ``tensor``."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, P(*(None if a == "fsdp" else a for a in s.spec))),
+                        state_shardings(state, mesh))
+
+
 def shard_state(state: Any, mesh: Mesh) -> Any:
     """Place a pytree on ``mesh`` per ``state_shardings``."""
     return jax.device_put(state, state_shardings(state, mesh))

@@ -175,11 +175,14 @@ def test_top_k_one_equals_greedy(model, tok):
     np.testing.assert_array_equal(greedy.tokens, topk1.tokens)
 
 
-@pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=8), MeshConfig(data=2, fsdp=2, tensor=2)])
-def test_sampling_on_eight_devices_equals_one_device(model, tok, mesh_cfg):
+@pytest.mark.parametrize("mesh_cfg, gather", [(MeshConfig(data=8), True),
+                                              (MeshConfig(data=2, fsdp=2, tensor=2), True),
+                                              (MeshConfig(data=2, fsdp=2, tensor=2), False)])
+def test_sampling_on_eight_devices_equals_one_device(model, tok, mesh_cfg, gather):
     pairs = (PAIRS * 3)[:8]
     single = make_sampler(model, tok)
-    sharded = make_sampler(model, tok, mesh=make_mesh(mesh_cfg))
+    sharded = make_sampler(model, tok, mesh=make_mesh(mesh_cfg), gather_weights=gather)
+    assert sharded.gathers == (gather and mesh_cfg.fsdp > 1)
     a = single.generate(single.params, single.encode(pairs), n=2, seed=3)
     b = sharded.generate(sharded.params, sharded.encode(pairs), n=2, seed=3)
     np.testing.assert_array_equal(a.tokens, b.tokens)

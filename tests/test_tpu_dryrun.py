@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import pytest
 
 from fst_jax.config import ConfigError
-from fst_jax.dryrun import (GIB, DryRunError, GenerateShape, _cost, check_fits, collective_bytes, dry_run,
-                            format_report)
+from fst_jax.dryrun import (GIB, DryRunError, GenerateShape, _cost, check_fits, collective_bytes,
+                            collective_sizes, dry_run, format_report)
 from fst_jax.jobs.preflight import TargetConfig
 from fst_jax.models import configs
 from fst_jax.rl.kl import KLConfig
@@ -40,12 +40,26 @@ def test_roofline_of_a_matmul_is_the_larger_of_its_compute_and_memory_times():
     assert big["roofline_seconds"] == pytest.approx(2 * 8192 ** 3 / 197e12)
 
 
-def test_collective_bytes_sum_the_results_of_every_collective_in_the_hlo():
+def test_collective_sizes_count_every_result_of_every_collective_in_the_hlo():
     hlo = ("  %a = f32[8,512]{1,0:T(8,128)} all-reduce(%x), channel_id=1\n"
            "  %b = (bf16[4,2]{1,0}, bf16[32,2]{1,0}) all-gather-start(%y)\n"
            "  %c = s32[2,2]{1,0} reduce-scatter(%z)\n  %d = pred[3]{0} all-to-all(%w)\n"
-           "  %e = f32[1000]{0} add(%a, %a)\n")
-    assert collective_bytes(hlo) == 8 * 512 * 4 + 32 * 2 * 2 + 2 * 2 * 4 + 3  # a -start: its result
+           "  %e = f32[1000]{0} add(%a, %a)\n  %f = (f32[4]{0}, f32[2,2]{1,0}) all-reduce(%u, %v)\n"
+           "  %g = (bf16[1,8]{1,0}, bf16[1,8]{1,0}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%q)\n")
+    # A -start: its result; a combined all-reduce: each of its results.
+    assert collective_sizes(hlo) == [8 * 512 * 4, 32 * 2 * 2, 2 * 2 * 4, 3, 4 * 4, 2 * 2 * 4, 8 * 2]
+    assert collective_bytes(hlo) == sum(collective_sizes(hlo))
+
+
+def test_loop_collectives_are_those_of_while_bodies_conditions_and_what_they_call():
+    hlo = ("%fused (p: f32[4]) -> f32[4] {\n  %ag = f32[4]{0} all-gather(%p), dimensions={0}\n}\n"
+           "%body (s: (s32[])) -> (s32[]) {\n  %f = f32[4]{0} fusion(%x), kind=kLoop, calls=%fused\n"
+           "  %r = f32[2]{0} all-reduce(%y), to_apply=%add\n}\n"
+           "%cond (s: (s32[])) -> pred[] {\n  %c = pred[]{:T(128)} all-reduce(%z), to_apply=%or\n}\n"
+           "ENTRY %main (a: f32[8]) -> f32[8] {\n  %top = f32[8]{0} all-gather(%a), dimensions={0}\n"
+           "  %w = (s32[]) while(%t), condition=%cond, body=%body\n}\n")
+    assert collective_sizes(hlo) == [16, 8, 1, 32]
+    assert collective_sizes(hlo, in_loops=True) == [16, 8, 1]
 
 
 def test_two_processes_can_compile_for_a_tpu_topology_at_once():
@@ -136,6 +150,23 @@ def test_tiny_train_step_and_sampler_programs_compile_for_v5e_2x2():
     # A v5e chip holds 16 GB; the program's peak must stay under the published figure.
     with pytest.raises(DryRunError, match=r"\(train_step: \d+ bytes\), over the 0\.0001"):
         check_fits(report, 1e-4)
+
+
+@needs_libtpu
+def test_fsdp_sampler_gathers_the_weights_once_so_none_cross_chips_at_each_token():
+    # FSDP 8 on v5p:2x2x2: every token step of the decode loop reads every weight. Gathered
+    # inside the loop, a layer's weights (each over 6 kB here) cross chips at every token; gathered
+    # once per request (Sampler.gathers), only the loop's stop flag does (under one [16 rows, 64]
+    # bf16 block), and the decode takes the whole weights as its argument.
+    from fst_jax.models.transformer import init_model
+
+    cfg = configs.tiny("qwen3")
+    model_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(lambda: init_model(cfg))))
+    report = dry_run(cfg, LearnerConfig(), MeshConfig(fsdp=8), 8, 8, 64, None, sampling=SAMPLING,
+                     generate=(GenerateShape("rollout", 2, 4, 2, 32, 32, 16),), topology="v5p:2x2x2")
+    decode = report["programs"]["rollout_decode"]
+    assert decode["xla_collective_bytes"] < 16 * 64 * 2
+    assert decode["argument_size_in_bytes"] >= model_bytes
 
 
 @needs_libtpu
