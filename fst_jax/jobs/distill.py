@@ -16,7 +16,8 @@ static column in each and the two sides' completion positions are sliced from th
 states (``completion_hidden``). Logits are formed in chunks of positions
 (``evaluation.chunked_exact_kl``), never ``[B, T, V]`` at once.
 
-``run_distill`` writes ``<output_dir>/``: ``config.yaml``, ``steps.jsonl`` (per step: kl,
+``run_distill`` runs on the harness (``fst_jax.loop``) and writes its run folder
+(``fst_jax.runs``) ``<output_dir>/``: ``config.yaml``, ``steps.jsonl`` (per step: kl,
 completion tokens, seconds...), ``eval.jsonl``, ``checkpoints/`` (student, optimizer state and
 the problem stream's position, every ``checkpoint.save_every_steps`` steps, on SIGTERM and at
 the end), ``result.json`` (kl first/last; pass@1 and mean@k of the run weights without context
@@ -30,11 +31,10 @@ after it are redone with the same problems and sampling seeds.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,15 +43,16 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from fst_jax.checkpoint import CheckpointConfig, Checkpointer, abstract_target
-from fst_jax.config import ConfigError, load_config, require, require_unchanged, save_config, to_dict
+from fst_jax import distributed
+from fst_jax.checkpoint import CheckpointConfig
+from fst_jax.config import ConfigError, load_config, require
 from fst_jax.data import ProblemStream
-from fst_jax.distributed import StopSignal
 from fst_jax.evaluation import EvaluationConfig, EvaluationHook, chunked_exact_kl, samples_to_rows
-from fst_jax.jobs.train import RESUMABLE_CHANGES, TrainJob, _floats
-from fst_jax.metrics import LoggingConfig, make_writers, read_jsonl
+from fst_jax.jobs.train import RESUMABLE_CHANGES, TrainJob
+from fst_jax.loop import Hook, Loop, LoopState, host_floats
+from fst_jax.metrics import LoggingConfig
 from fst_jax.rl.optimizer import OptimizerConfig, apply_if, learning_rate, make_optimizer
-from fst_jax.runs import CONTEXT_MODES, RunFolder
+from fst_jax.runs import CONTEXT_MODES, EVAL, STEPS, RunFolder
 from fst_jax.sampling import PromptBatch, Sampler, Samples
 from fst_jax.sharding import BATCH_AXES, batch_sharding, replicated, state_shardings
 from fst_jax.tasks import make_task
@@ -270,16 +271,25 @@ def _scores(record: dict[str, float], k: int, suffix: str = "", extra: bool = Tr
     return out
 
 
-def run_distill(cfg: DistillConfig, *, max_steps_this_run: int | None = None) -> dict[str, Any]:
+@dataclasses.dataclass
+class DistillLoopState(LoopState):
+    """The loop state saved with the student: besides the step and config, ``data`` (the
+    problem stream's position) and the evaluation before distillation, ``teacher`` (the run's
+    weights with the evolved context) and ``before`` (the same weights without it)."""
+
+    data: dict = dataclasses.field(default_factory=dict)
+    teacher: dict = dataclasses.field(default_factory=dict)
+    before: dict = dataclasses.field(default_factory=dict)
+
+
+def run_distill(cfg: DistillConfig, *, max_steps_this_run: int | None = None,
+                hooks: Sequence[Hook] = ()) -> dict[str, Any]:
     """Run (or resume) the distillation; returns the summary also written to ``result.json``.
     ``max_steps_this_run`` stops with a checkpoint after that many steps of this invocation
-    (tests, time-sliced runs); the summary then has ``steps_done`` < ``steps`` and no
-    ``after``."""
-    from tqdm import tqdm
-
+    (tests, time-sliced runs); the summary then has ``steps_done`` < ``steps``, no ``after``
+    and no ``result.json`` is written. ``hooks`` run beside the evaluation every
+    ``eval.every`` steps and the export at the end; periodic ones get the step."""
     run = read_run(cfg.run_dir)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     sampler = load_sampler(run, cfg)
     job = run.job
     stage = job.stages()[-1]  # with a schedule: the task the run ended on
@@ -295,103 +305,92 @@ def run_distill(cfg: DistillConfig, *, max_steps_this_run: int | None = None) ->
     rows_multiple = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     stream = ProblemStream(task.examples("train", job.data.train_examples, seed=job.data.seed),
                            cfg.problems_per_step, job.data.shuffle_seed)
-    ckpt = Checkpointer(cfg.checkpoint.under(out))
-    host: dict[str, Any] = {"step": 0, "config": to_dict(cfg)}
-    hook = EvaluationHook(cfg.eval)
-    restored = ckpt.restore(abstract_target(state))
-    if restored is not None:
-        state, host = restored.state, restored.host
-        require_unchanged(host["config"], cfg, RESUMABLE_CHANGES, f"the distillation in {out}")
-        require(cfg.steps >= host["step"], f"steps {cfg.steps} is below the {host['step']} steps already run in {out}")
-        stream.load_state(host["data"])
-        hook.load_state(host["eval"])
-        log.info("resumed at step %d", host["step"])
-    save_config(cfg, out / "config.yaml")  # after the resume check: a refused change leaves it as it was
-    step = host["step"]
-    writers = make_writers(cfg.logging, out, step, to_dict(cfg))
-    progress = tqdm(total=cfg.steps, initial=step, desc="eval", unit="step",
-                    disable=not (cfg.logging.progress and jax.process_index() == 0))
-    k = cfg.eval.k
-    start, this_run, after = time.perf_counter(), 0, None
-    stop = StopSignal()
-    try:
-        if restored is None:
+    evaluation, k = EvaluationHook(cfg.eval), cfg.eval.k
+    loop = Loop(cfg, cfg.output_dir, steps=cfg.steps, checkpoint=cfg.checkpoint, logging_config=cfg.logging,
+                may_change=RESUMABLE_CHANGES, what="the distillation", max_steps_this_run=max_steps_this_run,
+                progress="eval")
+
+    def evaluate(student) -> dict[str, float]:
+        """The student without context (``eval.kl``: its exact KL to the run's weights)."""
+        return _scores(evaluation.run(sampler, student, teacher, task, [original], original), k)
+
+    def periodic(step: int) -> None:
+        if step > 0:  # step 0: the evaluation before distillation
+            t0 = time.perf_counter()
+            loop.write(EVAL, {**evaluate(state.params), "seconds": time.perf_counter() - t0})
+
+    def export(summary: dict[str, Any]) -> None:
+        from fst_jax.models.weights import save_hf_folder
+
+        summary["hf_folder"] = str(save_hf_folder(  # every process gathers, process 0 writes
+            nnx.merge(sampler.graphdef, state.params), loop.folder.weights, sampler.tokenizer))
+
+    loop.add_hook(Hook(periodic, every=cfg.eval.every, name="eval", state=evaluation))
+    for hook in hooks:
+        loop.add_hook(hook)
+    if cfg.export_hf:
+        loop.add_hook(Hook(export, at_end=True))
+    after = None
+    with loop:
+        state = loop.restore(state, DistillLoopState(data=stream.state()))
+        ls, start = loop.state, time.perf_counter()
+        if loop.resumed:
+            stream.load_state(ls.data)
+        else:
             # The run's weights with [evolved] also score the original prompt: the teacher's
             # numbers and the student's before distillation (the same weights) in one evaluation.
             t0 = time.perf_counter()
             reference = EvaluationHook(dataclasses.replace(cfg.eval, kl=False)).run(
                 sampler, teacher, teacher, task, [evolved], original)
-            host["teacher"] = _scores(reference, k, extra=False)
-            host["before"] = _scores(reference, k, "_original")
+            ls.teacher = _scores(reference, k, extra=False)
+            ls.before = _scores(reference, k, "_original")
             if cfg.eval.kl:
-                host["before"]["eval/kl_to_base"] = 0.0  # the student is still the run's weights
-            writers.write("eval", 0, {**host["before"], "seconds": time.perf_counter() - t0,
-                                      **{f"teacher/{key}": v for key, v in host["teacher"].items()}})
-        progress.set_description("distill")
-        while step < cfg.steps:
-            if step > 0 and hook.due(step):
-                t0 = time.perf_counter()
-                record = hook.run(sampler, state.params, teacher, task, [original], original)
-                writers.write("eval", step, {**_scores(record, k),
-                                             "seconds": time.perf_counter() - t0})
+                ls.before["eval/kl_to_base"] = 0.0  # the student is still the run's weights
+            loop.write(EVAL, {**ls.before, "seconds": time.perf_counter() - t0,
+                              **{f"teacher/{key}": v for key, v in ls.teacher.items()}})
+        loop.phase("distill")
+        while loop.running:
+            loop.run_hooks(loop.step)
             t0 = time.perf_counter()
             problems = stream.next_batch()
             samples = sampler.generate(state.params,
                                        sampler.encode([(original, ex.prompt) for ex in problems]),
                                        n=cfg.samples_per_problem,
-                                       seed=(cfg.seed * 1_000_003 + step) % 2**31)
+                                       seed=(cfg.seed * 1_000_003 + loop.step) % 2**31)
             teacher_prompts = sampler.encode([(evolved, ex.prompt) for ex in problems])
             batch = distill_batch(samples, teacher_prompts, rows_multiple)
             t1 = time.perf_counter()
             state, metrics = step_fn(state, teacher, batch)
-            metrics = _floats(metrics)
+            metrics = host_floats(metrics)
             t2 = time.perf_counter()
             if metrics["applied"] == 0:
                 log.warning("step %d: non-finite loss or gradients, or no tokens; update skipped",
-                            step)
-            record = {**metrics, "completion_tokens": int(samples.lengths.sum()),
-                      "truncated_fraction": float(1.0 - samples.finished.mean()),
-                      "seconds_sample": t1 - t0, "seconds_update": t2 - t1,
-                      "seconds_total": t2 - t0}
-            writers.write("steps", step, record)
-            step += 1
-            this_run += 1
-            progress.update(1)
-            progress.set_postfix(kl=f"{metrics['kl']:.4f}")
-            host = {**host, "step": step, "data": stream.state(), "eval": hook.state()}
-            last = stop.agreed() or step == cfg.steps or this_run == max_steps_this_run
-            if last or ckpt.should_save(step):
-                ckpt.save(step, state, host)
-            if last:
+                            loop.step)
+            loop.write(STEPS, {**metrics, "completion_tokens": int(samples.lengths.sum()),
+                               "truncated_fraction": float(1.0 - samples.finished.mean()),
+                               "seconds_sample": t1 - t0, "seconds_update": t2 - t1, "seconds_total": t2 - t0})
+            loop.advance(kl=f"{metrics['kl']:.4f}")
+            ls.data = stream.state()
+            if loop.checkpoint(state):
                 break
-        if step == cfg.steps:
-            progress.set_description("eval")
+        if loop.finished:
+            loop.phase("eval")
             t0 = time.perf_counter()
-            after = _scores(hook.run(sampler, state.params, teacher, task, [original], original), k)
-            writers.write("eval", cfg.steps, {**after, "seconds": time.perf_counter() - t0})
-    finally:
-        stop.restore()
-        progress.close()
-        ckpt.close()
-        writers.close()
-    rows = read_jsonl(out / "steps.jsonl") if jax.process_index() == 0 else []
+            after = evaluate(state.params)
+            loop.write(EVAL, {**after, "seconds": time.perf_counter() - t0})
+    rows = loop.folder.rows(STEPS) if distributed.is_primary() else []
     summary = {
         "run_dir": str(run.folder), "run_mode": job.mode, "task": stage.task, "steps": cfg.steps,
-        "steps_done": step, "kl_first": rows[0]["kl"] if rows else None,
+        "steps_done": loop.step, "kl_first": rows[0]["kl"] if rows else None,
         "kl_last": rows[-1]["kl"] if rows else None,
         "completion_tokens": sum(r["completion_tokens"] for r in rows),
-        "before": host["before"], "after": after, "teacher": host["teacher"],
+        "before": ls.before, "after": after, "teacher": ls.teacher,
         "contexts": {"student": original, "teacher": evolved},
         "wall_s": round(time.perf_counter() - start, 1),
     }
-    if step < cfg.steps:
-        log.info("stopped at step %d of %d with a checkpoint; rerun to continue", step, cfg.steps)
+    if not loop.finished:
+        log.info("stopped at step %d of %d with a checkpoint; rerun to continue", loop.step, cfg.steps)
         return summary
-    if cfg.export_hf:
-        from fst_jax.models.weights import save_hf_folder
-
-        summary["hf_folder"] = str(save_hf_folder(  # every process gathers, process 0 writes
-            nnx.merge(sampler.graphdef, state.params), out / "hf", sampler.tokenizer))
-    if jax.process_index() == 0:
-        (out / "result.json").write_text(json.dumps(summary, indent=2))
+    loop.run_end_hooks(summary)
+    loop.write_result(summary)
     return summary

@@ -9,7 +9,10 @@ One cycle, every ``fast.every`` (T) RL steps (spec, section 2)::
            (G/K each), advantages per problem across all of them, one optimizer step on
            CISPO + beta * KL (mode rl: the fixed original prompt; mode gepa: no update).
 
-All modes read the same problems in the same order with the same seeds. The run folder holds
+The mode (``fst_jax.runs.MODES``) chooses the phases: ``_Trainer.fast_round``, ``rollout`` and
+``slow_step``; the harness (``fst_jax.loop``) runs the evaluation, the weights' export and the
+figures as hooks, beside any a caller passes. All modes read the same problems in the same order
+with the same seeds. The run folder (``fst_jax.runs.RunFolder``) holds
 ``config.yaml``, ``steps.jsonl`` (one line per RL step), ``gepa.jsonl`` (one line per GEPA
 round: budget, kept contexts, and every proposal with its text and minibatch scores),
 TensorBoard events, ``checkpoints/`` (train state + host state at one step), plots,
@@ -23,16 +26,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from fst_jax.checkpoint import CheckpointConfig, Checkpointer, abstract_target
-from fst_jax.config import require, require_unchanged, save_config, to_dict
+from fst_jax.checkpoint import CheckpointConfig
+from fst_jax.config import require
 from fst_jax.data import DataConfig, ProblemStream
 from fst_jax.evaluation import EvaluationConfig, EvaluationHook
 from fst_jax.fast.candidates import Member
@@ -41,17 +43,18 @@ from fst_jax.fast.optimizer import GEPAConfig, run_gepa_round
 from fst_jax.jobs.preflight import TargetConfig
 from fst_jax.fast.reflection import (BatchedLM, ReflectionError, Reply, estimate_tokens, make_reflection_lm,
                                      reflect_batch)
-from fst_jax.metrics import LoggingConfig, make_writers
+from fst_jax.loop import Hook, Loop, LoopState, host_floats
+from fst_jax.metrics import LoggingConfig
 from fst_jax.models.loading import load_model
 from fst_jax.padding import pow2
 from fst_jax.report.figures import plot_run
 from fst_jax.rl.batch import to_global
 from fst_jax.rl.train_step import LearnerConfig, init_train_state, make_train_step
-from fst_jax.rollout import rollout, sampling_weights
-from fst_jax.runs import MODES, RunFolder
+from fst_jax.rollout import Rollout, rollout, sampling_weights
+from fst_jax.runs import EVAL, EVAL_PROBLEMS, GEPA, MODES, STEPS, RunFolder
 from fst_jax.sampling import Sampler, SamplingConfig
 from fst_jax.sharding import MeshConfig, make_mesh
-from fst_jax.tasks import make_task
+from fst_jax.tasks import Task, make_task
 from fst_jax.tasks.rewards import FunctionScorer, RewardConfig, RewardPool
 
 log = logging.getLogger(__name__)
@@ -213,11 +216,6 @@ def _unique(examples):
     return out
 
 
-def _floats(metrics: dict[str, Any]) -> dict[str, float]:
-    """Replicated scalars to floats (also when they span other processes' devices)."""
-    return {k: float(np.asarray(v.addressable_data(0))) for k, v in metrics.items()}
-
-
 def _reflection_on_primary(cfg, reflection_fn) -> BatchedLM | None:
     """With several processes and a reflection LM outside the policy (an endpoint, a callable,
     a replay file): process 0 alone calls it and broadcasts the replies, failures included,
@@ -236,150 +234,183 @@ def _reflection_on_primary(cfg, reflection_fn) -> BatchedLM | None:
     return BatchedLM(batch)
 
 
+@dataclasses.dataclass
+class TrainLoopState(LoopState):
+    """The loop state saved with the weights: besides the step and config, ``data`` (each
+    stage's problem-stream position) and ``population`` (the kept contexts, best first)."""
+
+    data: list = dataclasses.field(default_factory=list)
+    population: list[Member] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, host: dict[str, Any]) -> "TrainLoopState":
+        return cls(host["step"], host["config"], host["data"], [Member(**m) for m in host["population"]])
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    """What the train loop's hooks see at ``step``: the policy's sampling weights after ``step``
+    updates, the contexts rollouts use from ``step`` on (``contexts[0]`` the best; mode rl: the
+    original prompt), the stage's task and its original prompt."""
+
+    step: int
+    policy: Any
+    contexts: list[str]
+    task: Task
+    original: str
+
+
+class _Trainer:
+    """One run's parts: the sampler over the base weights, the schedule's stages, the device
+    state (``TrainState``; a step counter alone in mode gepa) and its train step, the
+    evaluation; and the phases of a step (``fast_round``, ``rollout``, ``slow_step``)."""
+
+    def __init__(self, job: TrainJob, reflection_fn: Callable[[str], str] | None):
+        self.job, self.reflection_fn = job, reflection_fn
+        self.mesh = make_mesh(job.mesh)
+        log.info("process %d of %d; mesh %s over %d devices", jax.process_index(), jax.process_count(),
+                 dict(self.mesh.shape), self.mesh.size)
+        model, tokenizer = load_model(job.model, job.dtype, job.sampling.max_context_tokens, job.seed,
+                                      job.remat)
+        self.sampler = Sampler(model, tokenizer, job.sampling, self.mesh)
+        self.base = self.sampler.params  # never donated: the frozen weights of mode gepa
+        self.stages = _build_stages(job)
+        self.seed_context = self.stages[0].task.seed_context
+        self.evaluation = EvaluationHook(job.eval)
+        for text in ([self.seed_context] + [st.task.original_prompt for st in self.stages]
+                     + [t.original_prompt for t in self.evaluation.ood.values()]):
+            self.sampler.tokenizer.encode_context(text)  # over-long: fail now, not mid-run
+        if job.trains_weights:
+            own = nnx.merge(self.sampler.graphdef, jax.tree.map(jnp.copy, self.base))
+            self.graphdef, self.state = init_train_state(own, job.learner, self.mesh, job.seed)
+            self.train_step = make_train_step(self.graphdef, self.state, job.learner, self.mesh)
+        else:
+            self.graphdef, self.state = self.sampler.graphdef, {"steps": jnp.zeros((), jnp.int32)}
+        self.reflection_lm = _reflection_on_primary(job.fast.gepa.reflection, reflection_fn)
+
+    def stage(self, step: int) -> _Stage:
+        return next(st for st in self.stages if st.start <= step < st.end)
+
+    def policy(self) -> Any:
+        """The weights rollouts sample from now (mode gepa: the base weights themselves)."""
+        return sampling_weights(self.state, self.job.learner) if self.job.trains_weights else self.base
+
+    def contexts(self, members: list[Member], st: _Stage) -> list[str]:
+        if not self.job.evolves_contexts:
+            return [st.task.original_prompt]
+        return [m.components["context"] for m in fill_slots(members, self.job.fast.gepa.top_k)]
+
+    def fast_round(self, loop: Loop, st: _Stage, policy: Any) -> float:
+        """A GEPA round at ``loop.step`` on the problems of the stage's next T batches, from the
+        kept population (or the seed context); keeps the new top-K and logs the round.
+        Returns its seconds."""
+        job, step, T = self.job, loop.step, self.job.fast.every
+        loop.phase("fast (GEPA)")
+        t0 = time.perf_counter()
+        anchor = _unique(ex for batch in st.stream.peek(min(T, st.end - step)) for ex in batch)
+        seeds = loop.state.population or [{"context": self.seed_context}]
+        result = run_gepa_round(
+            self.sampler, policy, st.task, anchor, seeds,
+            dataclasses.replace(job.fast.gepa, seed=job.fast.gepa.seed + step // T),
+            policy_step=step, reflection_fn=self.reflection_fn, scorer=st.scorer,
+            reflection_lm=self.reflection_lm)
+        loop.state.population = result.members
+        seconds = time.perf_counter() - t0
+        loop.write(GEPA, {"task": st.name, **_round_record(result, step // T, seconds)})
+        return seconds
+
+    def rollout(self, loop: Loop, st: _Stage, policy: Any, contexts: list[str]) -> Rollout:
+        """G rollouts of each of the stage's next problems, the contexts mixed in each group."""
+        loop.phase("rollout")
+        return rollout(self.sampler, policy, st.stream.next_batch(), contexts, self.job.samples_per_problem,
+                       st.scorer, seed=(self.job.seed * 1_000_003 + loop.step) % 2**31,
+                       advantage=self.job.learner.advantage)
+
+    def slow_step(self, loop: Loop, ro: Rollout, seconds: dict[str, float]) -> dict[str, float]:
+        """One optimizer step on the rollouts; its metrics (a skipped update is logged)."""
+        loop.phase("update")
+        t0 = time.perf_counter()
+        self.state, m = self.train_step(self.state, to_global(ro.batch, self.mesh), timings=seconds)
+        metrics = host_floats(m)
+        seconds["update"] = time.perf_counter() - t0 - seconds.get("reference", 0.0)
+        if metrics["applied"] == 0:
+            why = ("no group had reward variance (nothing to learn)" if metrics["tokens"] == 0
+                   else "non-finite loss or gradients")
+            log.warning("step %d: %s; update skipped (%d so far)", loop.step, why, int(metrics["skipped"]))
+        return metrics
+
+    def evaluate(self, loop: Loop, info: StepInfo) -> None:
+        """The evaluation hook: ``EvaluationHook.run`` at ``loop.step``, logged to ``eval.jsonl``
+        and its per-problem scores to ``eval_problems.jsonl``."""
+        loop.phase("eval")
+        t0 = time.perf_counter()
+        record = self.evaluation.run(self.sampler, info.policy, self.base, info.task, info.contexts,
+                                     info.original)
+        loop.write(EVAL, {"mode": self.job.mode, "task": info.task.name, **record,
+                          "seconds": time.perf_counter() - t0})
+        loop.write(EVAL_PROBLEMS, {"mode": self.job.mode, "task": info.task.name, **self.evaluation.problems})
+
+    def export(self, loop: Loop, summary: dict[str, Any]) -> None:
+        """The export hook: a finished run's trained weights to ``hf/`` (every process gathers,
+        process 0 writes)."""
+        if loop.finished:
+            from fst_jax.models.weights import save_hf_folder
+
+            summary["hf_folder"] = str(save_hf_folder(
+                nnx.merge(self.graphdef, sampling_weights(self.state, self.job.learner)),
+                loop.folder.weights, self.sampler.tokenizer))
+
+
 def run_train_job(job: TrainJob, *, reflection_fn: Callable[[str], str] | None = None,
-                  max_steps_this_run: int | None = None) -> dict[str, Any]:
+                  max_steps_this_run: int | None = None, hooks: Sequence[Hook] = ()) -> dict[str, Any]:
     """Run (or resume) ``job``; returns the summary also written to ``result.json``.
 
     ``reflection_fn`` feeds the "callable" reflection backend; ``max_steps_this_run`` stops
-    (with a checkpoint) after that many steps of this invocation (tests, time-sliced runs)."""
-    out = Path(job.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    mesh = make_mesh(job.mesh)
-    log.info("process %d of %d; mesh %s over %d devices", jax.process_index(), jax.process_count(),
-             dict(mesh.shape), mesh.size)
-    model, tokenizer = load_model(job.model, job.dtype, job.sampling.max_context_tokens, job.seed,
-                                  job.remat)
-    sampler = Sampler(model, tokenizer, job.sampling, mesh)
-    base = sampler.params  # never donated: the frozen weights of mode gepa
-    stages = _build_stages(job)
-    seed_context, original = stages[0].task.seed_context, stages[0].task.original_prompt
-    hook = EvaluationHook(job.eval)
-    for text in ([seed_context] + [st.task.original_prompt for st in stages]
-                 + [t.original_prompt for t in hook.ood.values()]):
-        sampler.tokenizer.encode_context(text)  # over-long: fail now, not mid-run
-    cfg = job.learner
-    if job.trains_weights:
-        own = nnx.merge(sampler.graphdef, jax.tree.map(jnp.copy, base))
-        graphdef, state = init_train_state(own, cfg, mesh, job.seed)
-        train_step = make_train_step(graphdef, state, cfg, mesh)
-    else:
-        graphdef, state = sampler.graphdef, {"steps": jnp.zeros((), jnp.int32)}
-    ckpt = Checkpointer(job.checkpoint.under(out))
-    host = _host_state(job, 0, stages, hook, [])
-    restored = ckpt.restore(abstract_target(state))
-    if restored is not None:
-        state, host = restored.state, restored.host
-        require_unchanged(host["config"], job, RESUMABLE_CHANGES, f"the run in {out}")
-        require(job.steps >= host["step"], f"steps {job.steps} is below the {host['step']} steps already run in {out}")
-        for st, data in zip(stages, host["data"], strict=True):
-            st.stream.load_state(data)
-        hook.load_state(host["eval"])
-        log.info("resumed at step %d", host["step"])
-    save_config(job, out / "config.yaml")  # after the resume check: a refused change leaves it as it was
-    step = host["step"]
-    members = [Member(**m) for m in host["population"]]
-    writers = make_writers(job.logging, out, step, to_dict(job))
-    K, G, T = job.fast.gepa.top_k, job.samples_per_problem, job.fast.every
-    reflection_lm = _reflection_on_primary(job.fast.gepa.reflection, reflection_fn)
-    stop = distributed.StopSignal()
-    progress = _progress(job, step)
-    run_start, this_run = time.perf_counter(), 0
-    try:
-        while step < job.steps:
+    (with a checkpoint) after that many steps of this invocation (tests, time-sliced runs).
+    ``hooks`` run beside the built-in ones (evaluation every ``eval.every`` steps and at the
+    end of every stage, the weights' export and the figures at the end); periodic ones get a
+    ``StepInfo`` after the step's fast round, before its rollouts."""
+    t = _Trainer(job, reflection_fn)
+    loop = Loop(job, job.output_dir, steps=job.steps, checkpoint=job.checkpoint, logging_config=job.logging,
+                may_change=RESUMABLE_CHANGES, what="the run", max_steps_this_run=max_steps_this_run)
+    for st in t.stages:
+        loop.on_close(st.pool.close)
+    loop.add_hook(Hook(lambda info: t.evaluate(loop, info), every=job.eval.every, name="eval",
+                       state=t.evaluation))
+    for hook in hooks:
+        loop.add_hook(hook)
+    if job.export_hf and job.trains_weights:
+        loop.add_hook(Hook(lambda summary: t.export(loop, summary), at_end=True))
+    loop.add_hook(Hook(lambda summary: distributed.is_primary() and plot_run(loop.folder.path), at_end=True))
+    with loop:
+        t.state = loop.restore(t.state, TrainLoopState(data=[st.stream.state() for st in t.stages]))
+        if loop.resumed:
+            for st, data in zip(t.stages, loop.state.data, strict=True):
+                st.stream.load_state(data)
+        run_start = time.perf_counter()
+        while loop.running:
             seconds: dict[str, float] = {}
-            st = next(st for st in stages if st.start <= step < st.end)
-            task, original = st.task, st.task.original_prompt
-            policy = sampling_weights(state, cfg) if job.trains_weights else base
-            if job.evolves_contexts and ((step - st.start) % T == 0 or not members):
-                progress.set_description("fast (GEPA)")
-                t0 = time.perf_counter()
-                anchor = _unique(ex for batch in st.stream.peek(min(T, st.end - step)) for ex in batch)
-                seeds = members or [{"context": seed_context}]
-                result = run_gepa_round(
-                    sampler, policy, task, anchor, seeds,
-                    dataclasses.replace(job.fast.gepa, seed=job.fast.gepa.seed + step // T),
-                    policy_step=step, reflection_fn=reflection_fn, scorer=st.scorer,
-                    reflection_lm=reflection_lm)
-                members = result.members
-                seconds["fast"] = time.perf_counter() - t0
-                writers.write("gepa", step, {"task": st.name,
-                                             **_round_record(result, step // T, seconds["fast"])})
-            contexts = ([m.components["context"] for m in fill_slots(members, K)]
-                        if job.evolves_contexts else [original])
-            if hook.due(step):
-                _evaluate(hook, writers, progress, step, job.mode, sampler, policy, base, task,
-                          contexts, original)
-            progress.set_description("rollout")
-            ro = rollout(sampler, policy, st.stream.next_batch(), contexts, G, st.scorer,
-                         seed=(job.seed * 1_000_003 + step) % 2**31, advantage=cfg.advantage)
+            st, policy = t.stage(loop.step), t.policy()
+            if job.evolves_contexts and ((loop.step - st.start) % job.fast.every == 0 or not loop.state.population):
+                seconds["fast"] = t.fast_round(loop, st, policy)
+            contexts = t.contexts(loop.state.population, st)
+            loop.run_hooks(StepInfo(loop.step, policy, contexts, st.task, st.task.original_prompt))
+            ro = t.rollout(loop, st, policy, contexts)
             seconds.update(ro.seconds)
-            metrics: dict[str, float] = {}
-            if job.trains_weights:
-                progress.set_description("update")
-                t0 = time.perf_counter()
-                state, m = train_step(state, to_global(ro.batch, mesh), timings=seconds)
-                metrics = _floats(m)
-                seconds["update"] = time.perf_counter() - t0 - seconds.get("reference", 0.0)
-                if metrics["applied"] == 0:
-                    why = ("no group had reward variance (nothing to learn)" if metrics["tokens"] == 0
-                           else "non-finite loss or gradients")
-                    log.warning("step %d: %s; update skipped (%d so far)", step, why,
-                                int(metrics["skipped"]))
-            record = {"task": st.name, **_step_record(job.mode, ro, metrics, seconds, step // T)}
-            writers.write("steps", step, record)
-            step += 1
-            this_run += 1
-            if step == st.end and job.eval.every > 0:
+            metrics = t.slow_step(loop, ro, seconds) if job.trains_weights else {}
+            record = {"task": st.name, **_step_record(job.mode, ro, metrics, seconds, loop.step // job.fast.every)}
+            loop.write(STEPS, record)
+            loop.advance(reward=f"{record['reward_mean']:.3f}", kl=f"{record.get('kl', 0.0):.4f}")
+            if loop.step == st.end:
                 # every stage ends with an evaluation of its final weights on its own task (before
                 # the next stage's task takes over at the same step); the run's last one included
-                _evaluate(hook, writers, progress, step, job.mode, sampler,
-                          sampling_weights(state, cfg) if job.trains_weights else base, base, task,
-                          contexts, original)
-            host = _host_state(job, step, stages, hook, members)
-            progress.update(1)
-            progress.set_postfix(reward=f"{record['reward_mean']:.3f}",
-                                 kl=f"{record.get('kl', 0.0):.4f}")
-            last = stop.agreed() or step == job.steps or this_run == max_steps_this_run
-            if last or ckpt.should_save(step):
-                ckpt.save(step, state, host)
-            if last:
+                loop.run_hooks(StepInfo(loop.step, t.policy(), contexts, st.task, st.task.original_prompt),
+                               force=True)
+            loop.state.data = [s.stream.state() for s in t.stages]
+            if loop.checkpoint(t.state):
                 break
-    finally:
-        stop.restore()
-        progress.close()
-        ckpt.close()
-        writers.close()
-        for st in stages:
-            st.pool.close()
-    return _finish(job, out, step, members, original, graphdef, state, sampler.tokenizer,
-                   time.perf_counter() - run_start)
-
-
-def _host_state(job: TrainJob, step: int, stages: list[_Stage], hook: EvaluationHook,
-                members: list[Member]) -> dict[str, Any]:
-    """The loop's host state saved with the weights: the step, each stage's data position, the
-    evaluation's running maxima, the population, and the configuration it ran under."""
-    return {"step": step, "data": [st.stream.state() for st in stages], "eval": hook.state(),
-            "population": [dataclasses.asdict(m) for m in members], "config": to_dict(job)}
-
-
-def _evaluate(hook, writers, progress, step, mode, sampler, policy, base, task, contexts,
-              original) -> None:
-    """One evaluation (``EvaluationHook.run``), logged to the "eval" stream and its per-problem
-    scores to "eval_problems" (``EvaluationHook.problems``)."""
-    progress.set_description("eval")
-    t0 = time.perf_counter()
-    record = hook.run(sampler, policy, base, task, contexts, original)
-    writers.write("eval", step, {"mode": mode, "task": task.name, **record,
-                                 "seconds": time.perf_counter() - t0})
-    writers.write("eval_problems", step, {"mode": mode, "task": task.name, **hook.problems})
-
-
-def _progress(job: TrainJob, step: int):
-    from tqdm import tqdm
-
-    return tqdm(total=job.steps, initial=step, desc="start", unit="step",
-                disable=not (job.logging.progress and jax.process_index() == 0))
+        wall_s = time.perf_counter() - run_start
+    return _finish(job, loop, t, wall_s)
 
 
 def _round_record(result, cycle: int, seconds: float) -> dict[str, Any]:
@@ -409,33 +440,23 @@ def _step_record(mode: str, ro, metrics: dict[str, float], seconds: dict[str, fl
     return record
 
 
-def _finish(job, out: Path, step: int, members, original, graphdef, state, tokenizer,
-            wall_s: float) -> dict[str, Any]:
-    """Plots, the kept contexts, the exported weights and ``result.json``."""
-    from fst_jax.metrics import read_jsonl
-
-    rows = read_jsonl(out / "steps.jsonl")
+def _finish(job: TrainJob, loop: Loop, t: _Trainer, wall_s: float) -> dict[str, Any]:
+    """The end hooks (weights' export, figures), the kept contexts and ``result.json``."""
+    rows = loop.folder.rows(STEPS)
     last = rows[-job.fast.every:] if rows else []
-    contexts = ([m.components["context"] for m in members] if job.evolves_contexts else
-                [original])
+    original = t.stage(max(loop.step - 1, 0)).task.original_prompt
+    members = loop.state.population if job.evolves_contexts else [Member(0, {"context": original}, "original", [], 0)]
     summary = {
-        "mode": job.mode, "steps_done": step, "steps": job.steps, "wall_s_this_run": round(wall_s, 1),
+        "mode": job.mode, "steps_done": loop.step, "steps": job.steps, "wall_s_this_run": round(wall_s, 1),
         "reward_mean_last_cycle": float(np.mean([r["reward_mean"] for r in last])) if last else None,
         "kl_last": rows[-1].get("kl") if rows else None,
         "seconds_per_phase_last_cycle": {
             k[len("seconds_"):]: round(sum(r.get(k, 0.0) for r in last), 2)
             for k in sorted({k for r in last for k in r if k.startswith("seconds_")})},
-        "contexts": contexts,
+        "contexts": [m.components["context"] for m in members],
     }
-    if job.export_hf and job.trains_weights and step == job.steps:
-        from fst_jax.models.weights import save_hf_folder
-
-        summary["hf_folder"] = str(save_hf_folder(  # every process gathers, process 0 writes
-            nnx.merge(graphdef, sampling_weights(state, job.learner)), out / "hf", tokenizer))
-    if jax.process_index() == 0:
-        folder = RunFolder(out)
-        folder.write_contexts([dataclasses.asdict(m) for m in (members or [Member(0, {"context": original},
-                                                                                  "original", [], 0)])])
-        plot_run(out)
-        folder.write_result(summary)
+    loop.run_end_hooks(summary)
+    if distributed.is_primary():
+        loop.folder.write_contexts([dataclasses.asdict(m) for m in members])
+    loop.write_result(summary)
     return summary
