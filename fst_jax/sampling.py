@@ -59,7 +59,9 @@ class SamplingConfig:
     at a time (``shared_attention``), bounding the attention scores' memory; None: all at once.
     ``gather_weights``: on a mesh with ``fsdp > 1``, gather the weights whole onto each fsdp device
     once per request (``Sampler.gathers``; they then cost their full bytes per device while it
-    runs) instead of at every layer of every decoded token; false for a model too large for that."""
+    runs) instead of at every layer of every decoded token; false for a model too large for that;
+    None: on TPU devices only (whose dry run compiles the copy as it runs; XLA's CPU compiler, the
+    GPU dry run's, holds it again in float32)."""
 
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -71,7 +73,7 @@ class SamplingConfig:
     stop_at_eos: bool = True
     unroll_layers: bool | None = None
     prefill_query_chunk: int | None = 512
-    gather_weights: bool = True
+    gather_weights: bool | None = None
 
     def __post_init__(self):
         require(self.max_new_tokens > 0, "max_new_tokens must be positive")
@@ -247,10 +249,10 @@ class Sampler:
     ``params`` passed to ``generate`` is the model's ``nnx.State`` (e.g. the current slow
     weights); ``self.params`` holds the weights the sampler was built with. ``trace_counts``
     counts how often each jitted program was traced (= compiled). ``gathers``: on a mesh with
-    ``fsdp > 1`` (and ``config.gather_weights``), ``generate`` first gathers ``params``, in the
-    compute dtype, whole onto each fsdp device (still split over ``tensor``): every decode step
-    reads every weight, so they cross chips once per request instead of at every token, for
-    their bytes in the compute dtype per device while the request runs.
+    ``fsdp > 1`` (``config.gather_weights``; by default on TPU), ``generate`` first gathers
+    ``params``, in the compute dtype, whole onto each fsdp device (still split over ``tensor``):
+    every decode step reads every weight, so they cross chips once per request instead of at
+    every token, for their bytes in the compute dtype per device while the request runs.
     """
 
     def __init__(self, model: Transformer, tokenizer: PromptTokenizer,
@@ -269,7 +271,10 @@ class Sampler:
         else:
             self.params = shard_state(params, mesh) if mesh is not None else params
         self.trace_counts: collections.Counter = collections.Counter()
-        self.gathers = config.gather_weights and mesh is not None and mesh.shape["fsdp"] > 1
+        gather = config.gather_weights
+        if gather is None:
+            gather = mesh is not None and mesh.devices.flat[0].platform == "tpu"
+        self.gathers = gather and mesh is not None and mesh.shape["fsdp"] > 1
         self._compute_dtype = jnp.dtype(model.cfg.dtype)
         self._gather = jax.jit(self._gathered)
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("n",))
