@@ -36,7 +36,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fst_jax.fast import EvalConfig, GEPAConfig, ReflectionConfig, run_gepa_round  # noqa: E402
+from fst_jax.fast import GEPAConfig, ScoringConfig, ReflectionConfig, run_gepa_round  # noqa: E402
 from fst_jax.sampling import Sampler, SamplingConfig  # noqa: E402
 from fst_jax.tasks import make_task  # noqa: E402
 
@@ -62,7 +62,7 @@ def gepa_round(sampler: Sampler, task, anchor, args, parallel: int, budget: int)
     counting = CountingSampler(sampler)
     compiled = sum(sampler.trace_counts.values())
     config = GEPAConfig(max_metric_calls=budget, parallel_proposals=parallel, seed=args.seed,
-                        eval=EvalConfig(temperature=0.0),
+                        eval=ScoringConfig(temperature=0.0),
                         reflection=ReflectionConfig(backend="policy", max_tokens=args.reflection_tokens))
     t, cpu = time.perf_counter(), time.process_time()
     result = run_gepa_round(counting, sampler.params, task, anchor, [{"context": SEED_CONTEXT}], config)
