@@ -224,10 +224,16 @@ def plasticity_main(argv=None) -> int:
     job, args = _load_job_and_flags(
         PlasticityJob, argv, "Plasticity probe: phase A's comparison (if unfinished), then fresh RL "
                              "on task B from each arm's weights (resumable), then one report.",
-        lambda p: p.add_argument("--report-only", action="store_true",
-                                 help="rebuild <probe.output_dir>/report from the arms; train nothing"))
+        lambda p: (p.add_argument("--report-only", action="store_true",
+                                  help="rebuild <probe.output_dir>/report from the arms; train nothing"),
+                   p.add_argument("--dry-run", action="store_true",
+                                  help="the probe's dry run on probe.target, as fst-train --dry-run "
+                                       "(the arms differ only in their weights; phase A: fst-train "
+                                       "--dry-run on its config); trains nothing")))
     if job is None:
         return 2
+    if args.dry_run:
+        return dry_run_main(job.arm_job("base"))
     _logging()
 
     def run() -> int:

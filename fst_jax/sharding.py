@@ -110,3 +110,15 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def shard_rows(x: jax.Array) -> jax.Array:
+    """``x`` constrained to its leading (batch) axis over ``BATCH_AXES`` of the mesh in context
+    (``jax.sharding.use_abstract_mesh``; the jitted programs that take a mesh set it), the rest
+    replicated: under FSDP each chip then computes its own rows with gathered weights, where
+    XLA would otherwise follow the weights' ``embed`` sharding and all-reduce every row's
+    activations. Unchanged without a mesh or when the axes do not divide the rows."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or x.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        return x
+    return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))

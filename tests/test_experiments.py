@@ -122,6 +122,16 @@ def test_train_dry_run_prints_bytes_and_exits_nonzero_when_the_device_is_too_sma
     assert unset.returncode == 1 and "target.device_memory_gib is not set" in unset.stderr
 
 
+def test_plasticity_dry_run_is_the_probes_on_its_target():
+    tiny = (str(EXPERIMENTS / "plasticity_cpu.yaml"), "--dry-run", "probe.model=tiny:llama",
+            "probe.target.devices=2", "probe.mesh.fsdp=2", "probe.target.prompt_tokens=64")
+    ok = _cli("plasticity", "--config", *tiny, "probe.target.device_memory_gib=1")
+    assert ok.returncode == 0, ok.stderr
+    assert "fits:" in ok.stdout and "2 devices" in ok.stdout and "rollout_decode" in ok.stdout
+    small = _cli("plasticity", "--config", *tiny, "probe.target.device_memory_gib=0.0001")
+    assert small.returncode == 1 and "over the 0.0001 GiB configured" in small.stderr
+
+
 def test_codeio_pod_dry_run_fits_an_8_x_h100_node():
     from fst_jax.jobs.preflight import preflight
 

@@ -153,6 +153,21 @@ def test_tiny_train_step_and_sampler_programs_compile_for_v5e_2x2():
 
 
 @needs_libtpu
+def test_fsdp_train_step_keeps_rows_on_their_chips_so_no_collective_exceeds_a_weight():
+    # FSDP 8 on v5p:2x2x2, 8-row micro-batches: each chip holds one row. Its activations and
+    # logits stay there; only weights (gathered) and their gradients (reduced) cross chips. A
+    # [8, 32, 128] float32 logits chunk (131 kB) or [8, 64, 96] MLP activation (197 kB) in a
+    # collective means a chip computed partial results for every row of the micro-batch.
+    from fst_jax.models.transformer import init_model
+
+    cfg = configs.tiny("qwen3")
+    weight = max(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(lambda: init_model(cfg))))
+    report = dry_run(cfg, LearnerConfig(micro_batches=2, logits_chunk=32), MeshConfig(fsdp=8), 8, 16,
+                     64, None, topology="v5p:2x2x2")
+    assert 0 < report["programs"]["train_step"]["xla_largest_collective_bytes"] <= weight
+
+
+@needs_libtpu
 def test_fsdp_sampler_gathers_the_weights_once_so_none_cross_chips_at_each_token():
     # FSDP 8 on v5p:2x2x2: every token step of the decode loop reads every weight. Gathered
     # inside the loop, a layer's weights (each over 6 kB here) cross chips at every token; gathered

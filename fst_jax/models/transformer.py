@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from fst_jax.models.configs import ModelConfig
+from fst_jax.sharding import shard_rows
 
 _NEG = -1e30
 
@@ -237,7 +238,7 @@ class Transformer(nnx.Module):
 
     # -- pieces ---------------------------------------------------------------------------
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.dtype)
+        return shard_rows(jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.dtype))
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Final norm and LM head: ``[..., D]`` -> float32 ``[..., V]``."""
@@ -277,7 +278,7 @@ class Transformer(nnx.Module):
             probs = jax.nn.softmax(s, axis=-1).astype(v.dtype)
             attn = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
             attn = attn.reshape(B, T, H, hd)
-            return _mlp_block(cfg, w, ad, x, attn), (k.swapaxes(1, 2), v.swapaxes(1, 2))
+            return shard_rows(_mlp_block(cfg, w, ad, x, attn)), (k.swapaxes(1, 2), v.swapaxes(1, 2))
 
         xs = (self.layers.weights(), adapters or {})
         x, (ks, vs) = self._scan(body, self.embed_tokens(tokens), xs)
