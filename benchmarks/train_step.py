@@ -14,6 +14,19 @@ MFU = model FLOPs (3x forward for full fine-tuning, 2x for LoRA; remat's recompu
 / median step time / matmul peak, the peak measured in the same process with a 2048^3
 ``jnp.dot`` in the compute dtype.
 Prints one JSON object per configuration. ``--quick``: fp32 full only, 2 rounds.
+
+``--shared-prefix``: the learner's dense path against its shared-prefix path
+(``LearnerConfig.shared_prefix``) at FST's shape: 4 contexts of 300 tokens x 8 problems of 45
+tokens, 8 samples per problem (2 per context: 32 prompts x 2 rows, prompt bucket 512), 128 new
+tokens (every completion full), SmolLM2-135M size, fp32, layers rematerialised (without, the
+dense update needs ~67 GB), full fine-tuning, CISPO + k3 KL,
+micro_batches 2, logits in 128-token chunks. Each path runs in its own process (its peak RSS its
+own): a warm-up step, then ``--rounds`` steps; the update (``train_step`` less its reference pass)
+and the reference pass in medians. One JSON line per path, then one with the ratios
+(shared / dense). ``--problems n``: n problems instead of 8 (4n prompts x 2 rows; 8 took ~13 min
+a dense step on two cores). ``--tiny``: the same layout on ``configs.tiny()`` (checks the script only).
+
+    python benchmarks/train_step.py --shared-prefix --problems 2 --rounds 2
 """
 
 from __future__ import annotations
@@ -159,16 +172,104 @@ def child(name, rounds):
         **{k: round(v, 2) for k, v in timings.items()}}), flush=True)
 
 
+def fst_batch(vocab: int, contexts=4, problems=8, samples=8, context_len=300, problem_len=45,
+              prompt_bucket=512, new=128):
+    """A host TrainBatch laid out as a rollout lays FST's out (problem-major, ``samples //
+    contexts`` consecutive rows per (context, problem) prompt), random tokens."""
+    import numpy as np
+    from fst_jax.rl.batch import build_train_batch
+    rng = np.random.default_rng(0)
+    ctx = [rng.integers(1, vocab, context_len) for _ in range(contexts)]
+    prompts = [np.concatenate([ctx[k], rng.integers(1, vocab, problem_len + p % 3)])
+               for p in range(problems) for k in range(contexts)]
+    n = samples // contexts
+    rows = len(prompts) * n
+    comps = [rng.integers(1, vocab, new) for _ in range(rows)]
+    return build_train_batch([prompts[r // n] for r in range(rows)], comps,
+                             [-rng.random(new) for _ in range(rows)],
+                             [float(rng.random() < 0.5) for _ in range(rows)],
+                             [r // samples for r in range(rows)],
+                             [(r // n) % contexts for r in range(rows)], pad_id=0,
+                             prompt_buckets=(prompt_bucket,), completion_buckets=(new,))
+
+
+def prefix_child(path: str, rounds: int, tiny: bool, problems: int):
+    from fst_jax.models import configs
+    from fst_jax.models.configs import SMOLLM2_135M
+    from fst_jax.models.transformer import init_model
+    from fst_jax.rl import LearnerConfig, OptimizerConfig
+    from fst_jax.rl.batch import shard_batch
+    from fst_jax.rl.kl import KLConfig
+    from fst_jax.rl.train_step import init_train_state, make_train_step
+    from fst_jax.sharding import make_mesh
+    mc = (configs.tiny() if tiny else SMOLLM2_135M.replace(dtype="float32")).replace(remat=True)
+    cfg = LearnerConfig(optimizer=OptimizerConfig(lr=1e-6), kl=KLConfig(beta=0.001),
+                        micro_batches=2, logits_chunk=128, shared_prefix=path == "shared")
+    mesh = make_mesh()
+    g, state = init_train_state(init_model(mc), cfg, mesh)
+    step = make_train_step(g, state, cfg, mesh)
+    batch = shard_batch(fst_batch(mc.vocab_size, problems=problems), mesh)
+    update, reference = [], []
+    for i in range(rounds + 1):  # the first: compile
+        timings = {}
+        t0 = time.perf_counter()
+        state, metrics = step(state, batch, timings=timings)
+        metrics["loss"].block_until_ready()
+        total = time.perf_counter() - t0
+        update.append(total - timings["reference"])
+        reference.append(timings["reference"])
+    B, T = batch.tokens.shape
+    print(json.dumps({
+        "path": path, "model": "tiny" if tiny else "SmolLM2-135M", "rows": B, "seq_len": T,
+        "update_s": round(statistics.median(update[1:]), 3),
+        "reference_s": round(statistics.median(reference[1:]), 3),
+        "first_update_s": round(update[0], 2), "first_reference_s": round(reference[0], 2),
+        "updates_s": [round(t, 2) for t in update[1:]],
+        "references_s": [round(t, 2) for t in reference[1:]],
+        "loss": float(metrics["loss"]), "kl": float(metrics["kl"]),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}),
+        flush=True)
+
+
+def compare_prefix(rounds: int, tiny: bool, problems: int):
+    out = {}
+    for path in ("dense", "shared"):
+        cmd = [sys.executable, __file__, "--prefix-child", path, "--rounds", str(rounds),
+               "--problems", str(problems)]
+        run = subprocess.run(cmd + (["--tiny"] if tiny else []), capture_output=True, text=True,
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        if run.returncode:
+            sys.exit(f"{path} failed:\n{run.stderr[-3000:]}")
+        line = run.stdout.strip().splitlines()[-1]
+        out[path] = json.loads(line)
+        print(line, flush=True)
+    d, s = out["dense"], out["shared"]
+    print(json.dumps({"compare": "shared_prefix / dense", "rounds": rounds,
+                      **{k: round(s[k] / d[k], 3) for k in ("update_s", "reference_s", "peak_rss_gb")},
+                      "loss_diff": abs(s["loss"] - d["loss"]), "kl_diff": abs(s["kl"] - d["kl"])}),
+          flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fp32 full fine-tuning only, 2 rounds")
     ap.add_argument("--rounds", type=int, default=3, help="timed steps of each side")
     ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS)
+    ap.add_argument("--shared-prefix", action="store_true",
+                    help="dense vs shared-prefix learner at FST's shape (see the docstring)")
+    ap.add_argument("--tiny", action="store_true", help="with --shared-prefix: a tiny model")
+    ap.add_argument("--problems", type=int, default=8,
+                    help="with --shared-prefix: problems per step (8 x 8 rows: ~13 min a dense step here)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--prefix-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     rounds = 2 if args.quick else args.rounds
+    if args.prefix_child:
+        return prefix_child(args.prefix_child, rounds, args.tiny, args.problems)
     if args.child:
         return child(args.child, rounds)
+    if args.shared_prefix:
+        return compare_prefix(rounds, args.tiny, args.problems)
     for name in ["fp32_full"] if args.quick else args.configs:
         out = subprocess.run([sys.executable, __file__, "--child", name, "--rounds", str(rounds)],
                              capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -36,12 +36,16 @@ def _write_run(folder: Path, mode: str, steps, means, kls, reward=0.5, finished=
             [{"id": 0, "components": {"context": f"best {mode} context"}}]))
 
 
-def test_mode_job_gives_each_mode_its_own_folder_checkpoints_and_exported_weights(tmp_path):
+def test_mode_job_gives_each_mode_its_own_folder_checkpoints_and_the_weights_the_report_needs(tmp_path):
     job = load_config(CompareJob, SMOKE, [f"output_dir={tmp_path}/cmp",
                                         f"checkpoint.directory={tmp_path}/ckpt"])
     sub = mode_job(job, "rl")
     assert (sub.mode, sub.output_dir, sub.export_hf) == ("rl", f"{tmp_path}/cmp/rl", True)
     assert sub.checkpoint.directory == f"{tmp_path}/ckpt/rl"
+    # the report needs the fst run's weights only when its evaluations do not log the 2x2
+    logs_only = load_config(CompareJob, SMOKE, ["export_hf=false", "eval.every=2", "eval.two_by_two=true"])
+    assert not mode_job(logs_only, "fst").export_hf
+    assert mode_job(load_config(CompareJob, SMOKE, ["export_hf=false"]), "fst").export_hf
     relative = load_config(CompareJob, SMOKE, ["checkpoint.directory=checkpoints"])
     assert mode_job(relative, "gepa").checkpoint.directory == "checkpoints"  # inside output_dir/gepa
     with pytest.raises(ConfigError, match="not one of"):
@@ -149,12 +153,11 @@ def test_report_sums_the_gepa_rounds_and_averages_parent_and_child_minibatch_sco
     assert "| fst | 2 | 5 | 1 | 1 | 3 (leak 2, malformed 1) | 40, 12 | 0.250, 0.500 | 0.333 / 0.500 |" in md
 
 
-def test_report_takes_the_2x2_from_the_fst_runs_final_evaluation_without_sampling(tmp_path, monkeypatch):
+def test_report_takes_the_2x2_from_the_fst_runs_final_evaluation_without_weights_or_sampling(tmp_path, monkeypatch):
     import fst_jax.models.loading as loading
 
     for mode in ("rl", "gepa", "fst"):
         _write_run(tmp_path / mode, mode, [0, 2, 4], [0.1, 0.2, 0.3], [0.0, 0.01, 0.02])
-    (tmp_path / "fst" / "hf").mkdir()
     grid = {"base/original": 0.125, "base/evolved": 0.25, "trained/original": 0.375, "trained/evolved": 0.5}
     with open(tmp_path / "fst" / "eval.jsonl", "a") as f:  # an earlier step's 2x2 is not the final one
         for step, scale in ((2, 0.5), (4, 1.0)):

@@ -72,6 +72,15 @@ def test_fst_runs_a_gepa_round_every_T_steps_and_trains_the_weights(fst_run):
     assert {"reward.png", "kl_vs_reward.png", "contexts.png", "result.json"} <= {p.name for p in out.iterdir()}
 
 
+def test_the_first_step_logs_the_shared_prefix_learner_against_the_dense_one(fst_run):
+    """G/K = 2 rows share each (context, problem) prompt, so the learner takes each prompt once;
+    the run's first step also computes the dense path and logs the differences."""
+    out, _, _ = fst_run
+    steps = read_jsonl(out / "steps.jsonl")
+    assert steps[0]["shared_prefix_logp_diff"] < 1e-5 and steps[0]["shared_prefix_loss_diff"] < 1e-6
+    assert not any("shared_prefix_logp_diff" in r for r in steps[1:])
+
+
 def test_each_gepa_round_logs_every_proposal_with_its_text_and_minibatch_scores(fst_run):
     out, _, _ = fst_run
     for round_ in read_jsonl(out / "gepa.jsonl"):
@@ -267,9 +276,11 @@ def test_resume_refuses_a_changed_configuration_naming_its_dotted_keys(tmp_path)
         message = str(err.value)
         assert "\n" not in message and all(key in message for key in keys), message
     assert len(read_jsonl(tmp_path / "steps.jsonl")) == 1  # nothing ran under a changed config
-    # more steps, another progress bar or checkpoint cadence: the same run, extended
+    # more steps, another progress bar, checkpoint cadence, weight gathering or learner path
+    # (equal results to rounding): the same run, extended
     summary = run_train_job(smoke_job(tmp_path, "mode=rl", "steps=3", "logging.progress=true",
-                                      "checkpoint.save_every_steps=1"))
+                                      "checkpoint.save_every_steps=1", "sampling.gather_weights=true",
+                                      "learner.shared_prefix=false"))
     assert summary["steps_done"] == 3
 
 

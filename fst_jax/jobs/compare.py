@@ -65,8 +65,9 @@ def seeded(job: TrainJob, seed: int) -> TrainJob:
 def mode_job(job: CompareJob, mode: str, seed: int | None = None) -> TrainJob:
     """The run of one mode at one of ``job.seeds`` (default the first): ``seeded``, in its own
     folder ``<output_dir>/<mode>`` (one seed) or ``<output_dir>/<mode>/seed<k>`` (several; an
-    absolute ``checkpoint.directory`` gets the same suffix) and ``export_hf`` on (the 2x2 reads
-    the fst run's weights)."""
+    absolute ``checkpoint.directory`` gets the same suffix); ``export_hf`` on unless the job's
+    evaluations log the 2x2 (``eval.two_by_two``), which the report otherwise computes from the
+    fst run's weights: a finished run is then its logs alone."""
     require(mode in MODES, f"mode {mode!r} is not one of {tuple(MODES)}")
     seed = job.seeds[0] if seed is None else seed
     require(seed in job.seeds, f"seed {seed} is not one of the comparison's seeds {list(job.seeds)}")
@@ -75,7 +76,8 @@ def mode_job(job: CompareJob, mode: str, seed: int | None = None) -> TrainJob:
     if Path(ckpt.directory).is_absolute():
         ckpt = dataclasses.replace(ckpt, directory=str(Path(ckpt.directory) / sub))
     return dataclasses.replace(seeded(job.train_job(), seed), mode=mode,
-                               output_dir=str(Path(job.output_dir) / sub), export_hf=True,
+                               output_dir=str(Path(job.output_dir) / sub),
+                               export_hf=job.export_hf or not job.eval.two_by_two,
                                checkpoint=ckpt)
 
 

@@ -60,8 +60,10 @@ from fst_jax.tasks.rewards import FunctionScorer, RewardConfig, RewardPool
 log = logging.getLogger(__name__)
 
 # What a resumed run may change: the number of steps (to extend it), where it lives, how it logs,
-# checkpoints and is laid out on devices, and the dry run's target; anything else refuses.
-RESUMABLE_CHANGES = ("steps", "output_dir", "logging", "checkpoint", "mesh", "target")
+# checkpoints and is laid out on devices (the sampler's weight gathering and the shared-prefix or
+# dense learner: equal results to rounding), and the dry run's target; anything else refuses.
+RESUMABLE_CHANGES = ("steps", "output_dir", "logging", "checkpoint", "mesh", "sampling.gather_weights",
+                     "learner.shared_prefix", "target")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,7 +332,8 @@ class _Trainer:
         """One optimizer step on the rollouts; its metrics (a skipped update is logged)."""
         loop.phase("update")
         t0 = time.perf_counter()
-        self.state, m = self.train_step(self.state, to_global(ro.batch, self.mesh), timings=seconds)
+        self.state, m = self.train_step(self.state, to_global(ro.batch, self.mesh), timings=seconds,
+                                        check_shared_prefix=loop.step == 0)
         metrics = host_floats(m)
         seconds["update"] = time.perf_counter() - t0 - seconds.get("reference", 0.0)
         if metrics["applied"] == 0:

@@ -112,8 +112,8 @@ def two_by_two_table(job: TrainJob, fst_run: str | Path) -> dict[str, Any]:
 
     folder = RunFolder(fst_run)
     hf, contexts = folder.weights, folder.contexts()
-    if not hf.is_dir() or not contexts:
-        raise FileNotFoundError(f"{folder.path} has no finished fst run (hf/ and contexts.json)")
+    if not contexts:
+        raise FileNotFoundError(f"{folder.path} has no finished fst run (contexts.json)")
     stage = job.stages()[-1]
     task = make_task(stage.task, **stage.task_options)
     original, evolved = task.original_prompt, contexts[0]
@@ -122,6 +122,9 @@ def two_by_two_table(job: TrainJob, fst_run: str | Path) -> dict[str, Any]:
     if final:
         table = {k[len("eval/2x2/"):]: float(v) for k, v in final[-1].items() if k.startswith("eval/2x2/")}
         return {"table": table, **info, "examples": job.eval.num_examples, "source": "final evaluation"}
+    if not hf.is_dir():
+        raise FileNotFoundError(f"{folder.path} has no exported weights (hf/) and its final evaluation "
+                                f"logged no 2x2 (eval.two_by_two)")
     mesh = make_mesh(job.mesh)
     model, tokenizer = load_model(job.model, job.dtype, job.sampling.max_context_tokens, job.seed)
     sampler = Sampler(model, tokenizer, job.sampling, mesh)

@@ -5,21 +5,26 @@ full fine-tuning with a KL term) one reference copy; only the trained part has o
 ``make_train_step`` builds ``train_step(state, batch) -> (state, metrics)``: jitted once with
 explicit shardings (weights by logical axes, batch over ``("data", "fsdp")``), the state donated.
 The batch is split into ``micro_batches`` strided slices (row ``i`` goes to micro-batch
-``i % k``); each slice's loss is an unreduced sum over the whole batch's denominator, so the
-accumulated gradient equals the full-batch one. A step whose loss or gradients are not finite
-(or that has no completion tokens) leaves weights and optimizer state unchanged and counts in
-``state.skipped``.
+``i % k``; rows sharing a prompt go together, see below); each slice's loss is an unreduced sum
+over the whole batch's denominator, so the accumulated gradient equals the full-batch one. A
+step whose loss or gradients are not finite (or that has no completion tokens) leaves weights
+and optimizer state unchanged and counts in ``state.skipped``. With ``shared_prefix`` the rows
+of each batch that share a prompt are found from its data and each such prompt runs once
+(``rl.shared_prefix``); the dense path stays as the reference.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import re
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
@@ -33,8 +38,10 @@ from fst_jax.rl.lora import LoraConfig, init_lora, lora_adapters
 from fst_jax.rl.losses import (POLICY_LOSSES, LossConfig, aggregation_weights, policy_loss,
                                weighted_sum)
 from fst_jax.rl.optimizer import OptimizerConfig, apply_if, learning_rate, make_optimizer
+from fst_jax.rl.shared_prefix import PrefixLayout, make_prefix_layout, prefix_hidden
 from fst_jax.sharding import batch_sharding, replicated, state_shardings
 
+log = logging.getLogger(__name__)
 sg = jax.lax.stop_gradient
 
 
@@ -48,7 +55,10 @@ class LearnerConfig:
     of ``data * fsdp``). With LoRA and a KL term the reference is the frozen backbone, so then
     no base weight may be trained. ``logits_chunk > 0`` computes log-probs over sequence chunks
     of that many tokens, recomputing each chunk's logits in the backward pass, so the float32
-    ``[B, T, V]`` logits are never held at once (0: all at once).
+    ``[B, T, V]`` logits are never held at once (0: all at once). ``shared_prefix``: the update
+    and the reference pass compute each shared prompt once per micro-batch (``rl.shared_prefix``;
+    equal to the dense path to float32 rounding, which ``train_step(..., check_shared_prefix=True)``
+    measures); a batch whose rows share no prompt runs dense either way.
     """
 
     loss: LossConfig = LossConfig()
@@ -59,6 +69,7 @@ class LearnerConfig:
     trainable: str | None = None
     micro_batches: int = 1
     logits_chunk: int = 0
+    shared_prefix: bool = True
 
     def __post_init__(self):
         require(self.micro_batches >= 1, "micro_batches must be >= 1")
@@ -147,32 +158,52 @@ def _chunked_logp_entropy(model: Transformer, x, targets, inv_temp, chunk: int):
 
 
 def token_logprobs(model: Transformer, tokens, positions, mask, with_entropy: bool = False,
-                   adapters: dict | None = None, chunk: int = 0, temperature=None):
+                   adapters: dict | None = None, chunk: int = 0, temperature=None,
+                   prefix: PrefixLayout | None = None):
     """``logp [B, T]`` float32 of each token given the ones before (0 at ``t = 0``) and, if
     asked, the policy's entropy ``[B, T]`` at each predicted position (no gradient), both of
     ``logits / temperature`` (``temperature [B]``, None: 1), the distribution a row was sampled from.
 
     ``adapters``: LoRA adapters applied on the activations (see ``Transformer.hidden``);
-    ``chunk > 0``: compute over sequence chunks of that length (see ``LearnerConfig``)."""
-    x, _ = model.hidden(tokens, positions, mask, adapters)
-    x, targets = x[:, :-1], tokens[:, 1:]
+    ``chunk > 0``: compute over sequence chunks of that length (see ``LearnerConfig``);
+    ``prefix``: the rows' shared prompts, each run once (``shared_prefix.prefix_hidden``), the
+    prompt columns' log-probs and entropies then 0."""
+    if prefix is None:
+        x, start = model.hidden(tokens, positions, mask, adapters)[0][:, :-1], 1
+    else:
+        x, start = prefix_hidden(model, tokens, positions, mask, prefix, adapters), prefix.prompt_len
+    targets = tokens[:, start:]
     inv_temp = jnp.ones(x.shape[0], jnp.float32) if temperature is None else 1.0 / temperature
     if chunk:
         logp, ent = _chunked_logp_entropy(model, x, targets, inv_temp, chunk)
     else:
         logp, ent = _logp_entropy(model, x, targets, inv_temp)
-    shift = lambda v: jnp.pad(v, ((0, 0), (1, 0)))
+    shift = lambda v: jnp.pad(v, ((0, 0), (start, 0)))
     return shift(logp), (shift(ent) if with_entropy else None)
 
 
-def _split(x, k):
-    """``[B, ...]`` -> ``[k, B/k, ...]`` with row ``i`` in slice ``i % k`` (keeps each device's
-    rows on that device)."""
-    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+def _split(x, k, rows=1):
+    """``[B, ...]`` -> ``[k, B/k, ...]`` with run ``i`` of ``rows`` consecutive rows in slice
+    ``i % k`` (keeps each device's rows on that device, and a shared prompt's rows together)."""
+    x = x.reshape(x.shape[0] // (k * rows), k, rows, *x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape(k, -1, *x.shape[3:])
 
 
-def _unsplit(x):
-    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+def _unsplit(x, rows=1):
+    x = x.reshape(x.shape[0], -1, rows, *x.shape[2:])
+    return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[3:])
+
+
+def _in_mesh(mesh: Mesh) -> Callable[[Callable], Callable]:
+    """Decorator: trace the function with ``mesh`` as the abstract mesh in context, so the
+    model's ``shard_rows`` constraints keep each batch row on its own devices."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                return fn(*args)
+        return inner
+    return wrap
 
 
 def _check_batch(batch: TrainBatch, cfg: LearnerConfig):
@@ -199,7 +230,10 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
     With ``cfg.kl.beta > 0`` the step first computes ``batch.ref_logp`` with the reference
     weights (``make_ref_logprobs``; whatever the batch held is replaced); pass a dict as
     ``train_step(state, batch, timings=d)`` to have that phase's seconds added to
-    ``d["reference"]``.
+    ``d["reference"]``; ``train_step(state, batch, check_shared_prefix=True)`` (a run's first
+    step) also computes the loss and log-probs on the dense path and adds to the metrics
+    ``shared_prefix_logp_diff`` (max abs difference over completion tokens) and
+    ``shared_prefix_loss_diff`` (none when the batch ran dense).
     Metrics (float32 scalars): loss, loss_policy, entropy, clip_high/clip_low (token fractions),
     grad_norm, logp_diff_mean, logp_diff_max, logp_pearson (sampler vs trainer over completion
     tokens), tokens, reward_mean, lr, applied (1 or 0), skipped (total so far); with beta > 0
@@ -211,6 +245,7 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
     schedule = learning_rate(cfg.optimizer)
     k, beta = cfg.micro_batches, cfg.kl.beta
     kl_fn = KL_ESTIMATORS[cfg.kl.estimator]
+    prefix_layout = make_prefix_layout(mesh, k) if cfg.shared_prefix else (lambda batch: None)
 
     def model_for(trainable, frozen):
         """The model on the base weights and the LoRA adapters (None without LoRA); ``frozen``
@@ -219,10 +254,11 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
         model = nnx.merge(graphdef, nnx.merge_state(params, frozen))
         return model, lora_adapters(lora, cfg.lora) if cfg.lora.enabled else None
 
-    def micro_loss(trainable, frozen, mb: TrainBatch, row_w, denom):
+    def micro_loss(trainable, frozen, mb: TrainBatch, row_w, denom, prefix):
         model, adapters = model_for(trainable, frozen)
         logp, ent = token_logprobs(model, mb.tokens, mb.positions, mb.mask, with_entropy=True,
-                                   adapters=adapters, chunk=cfg.logits_chunk, temperature=mb.temperature)
+                                   adapters=adapters, chunk=cfg.logits_chunk,
+                                   temperature=mb.temperature, prefix=prefix)
         token_loss, _ = POLICY_LOSSES[cfg.loss.name].fn(logp, mb.sampler_logp, mb.advantages,
                                                         cfg.loss)
         total = weighted_sum(token_loss, mb.loss_mask, row_w)
@@ -230,27 +266,36 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
             total = total + beta * weighted_sum(kl_fn(logp, mb.ref_logp), mb.loss_mask, row_w)
         return total / denom, (logp, ent)
 
-    def step_fn(state: TrainState, batch: TrainBatch):
-        mask = batch.loss_mask
-        row_w, row_d = aggregation_weights(cfg.loss, mask, batch.group_ids, batch.completion_budget)
+    def loss_weights(batch: TrainBatch):
+        row_w, row_d = aggregation_weights(cfg.loss, batch.loss_mask, batch.group_ids,
+                                           batch.completion_budget)
         denom_raw = row_d.sum()
-        denom = jnp.where(denom_raw > 0, denom_raw, 1.0)
+        return row_w, row_d, denom_raw, jnp.where(denom_raw > 0, denom_raw, 1.0)
+
+    def micro_batches(batch: TrainBatch, row_w, layout: PrefixLayout | None):
+        rows = 1 if layout is None else layout.rows
+        return (jax.tree.map(lambda x: _split(x, k, rows), batch), _split(row_w, k, rows)), rows
+
+    @_in_mesh(mesh)
+    def step_fn(state: TrainState, batch: TrainBatch, layout: PrefixLayout | None):
+        mask = batch.loss_mask
+        row_w, row_d, denom_raw, denom = loss_weights(batch)
         trainable = (state.params, state.lora)
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
         def body(carry, xs):
             g_acc, l_acc = carry
             mb, w = xs
-            (loss, aux), g = grad_fn(trainable, state.frozen, mb, w, denom)
+            (loss, aux), g = grad_fn(trainable, state.frozen, mb, w, denom, layout)
             return (jax.tree.map(jnp.add, g_acc, g), l_acc + loss), aux
 
         if k == 1:  # no loop: lets XLA fuse the gradient with the update
-            (loss, (logp, ent)), grads = grad_fn(trainable, state.frozen, batch, row_w, denom)
+            (loss, (logp, ent)), grads = grad_fn(trainable, state.frozen, batch, row_w, denom, layout)
         else:
             zeros = jax.tree.map(jnp.zeros_like, trainable)
-            xs = (jax.tree.map(lambda x: _split(x, k), batch), _split(row_w, k))
+            xs, rows = micro_batches(batch, row_w, layout)
             (grads, loss), (logp, ent) = jax.lax.scan(body, (zeros, jnp.zeros(())), xs)
-            logp, ent = _unsplit(logp), _unsplit(ent)
+            logp, ent = _unsplit(logp, rows), _unsplit(ent, rows)
 
         grad_norm = optax.global_norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (denom_raw > 0)
@@ -280,19 +325,46 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
             metrics["loss_kl"] = beta * weighted_sum(kl_tok, mask, row_w) / denom
         return new_state, metrics
 
-    state_sh = state_shardings(state, mesh)
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_shardings(mesh)),
-                     out_shardings=(state_sh, replicated(mesh)), donate_argnums=0)
+    @_in_mesh(mesh)
+    def compare_fn(state: TrainState, batch: TrainBatch, layout: PrefixLayout):
+        """Max abs differences, dense path vs ``layout``, of the completion log-probs and the loss."""
+        row_w, _, _, denom = loss_weights(batch)
+        trainable = (state.params, state.lora)
+        out = []
+        for prefix in (None, layout):
+            xs, rows = micro_batches(batch, row_w, prefix)
+            loss, (logp, _) = jax.lax.map(
+                lambda x: micro_loss(trainable, state.frozen, *x, denom, prefix), xs)
+            out.append((loss.sum(), _unsplit(logp, rows)))
+        (loss0, logp0), (loss1, logp1) = out
+        return {"shared_prefix_logp_diff": jnp.where(batch.completion_mask, jnp.abs(logp0 - logp1),
+                                                     0.0).max(),
+                "shared_prefix_loss_diff": jnp.abs(loss0 - loss1)}
+
+    state_sh, batch_sh = state_shardings(state, mesh), batch_shardings(mesh)
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, batch_sh),
+                     out_shardings=(state_sh, replicated(mesh)), static_argnums=2,
+                     donate_argnums=0)
+    compare = jax.jit(compare_fn, in_shardings=(state_sh, batch_sh),
+                      out_shardings=replicated(mesh), static_argnums=2)
     reference = make_ref_logprobs(graphdef, state, cfg, mesh) if beta > 0 else None
 
-    def train_step(state: TrainState, batch: TrainBatch, timings: dict | None = None):
+    def train_step(state: TrainState, batch: TrainBatch, timings: dict | None = None,
+                   check_shared_prefix: bool = False):
         _check_batch(batch, cfg)
+        layout = prefix_layout(batch)
         if reference is not None:  # never trust a caller-filled reference
             t0 = time.perf_counter()
             batch = batch.replace(ref_logp=jax.block_until_ready(reference(state, batch)))
             if timings is not None:
                 timings["reference"] = timings.get("reference", 0.0) + time.perf_counter() - t0
-        return jitted(state, batch)
+        checked = {}
+        if check_shared_prefix and layout is not None:
+            checked = compare(state, batch, layout)
+            log.info("shared prefix vs dense: max |logp diff| %.3g, |loss diff| %.3g",
+                     *(float(np.asarray(v.addressable_data(0))) for v in checked.values()))
+        state, metrics = jitted(state, batch, layout)
+        return state, {**metrics, **checked}
 
     return train_step
 
@@ -303,27 +375,31 @@ def make_ref_logprobs(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerCon
     batch's tokens (same rows, so the same context as the policy), micro-batched like the
     train step. The reference is ``state.ref`` (full fine-tuning) or the frozen backbone with
     adapters off (LoRA). Only for ``cfg.kl.beta > 0``; the state is not donated. ``train_step``
-    calls it itself; it is public for evaluation and tests."""
+    calls it itself; it is public for evaluation and tests. With ``cfg.shared_prefix`` each
+    shared prompt runs once, and a batch whose rows share prompts gets 0 in the prompt columns."""
     require(cfg.kl.beta > 0, "reference log-probs are only needed when kl.beta > 0")
     k = cfg.micro_batches
+    prefix_layout = make_prefix_layout(mesh, k) if cfg.shared_prefix else (lambda batch: None)
 
-    def fn(state: TrainState, batch: TrainBatch):
+    @_in_mesh(mesh)
+    def fn(state: TrainState, batch: TrainBatch, layout: PrefixLayout | None):
         weights = state.weights() if cfg.lora.enabled else state.ref
         model = nnx.merge(graphdef, weights)
+        rows = 1 if layout is None else layout.rows
 
         def one(mb):
-            return token_logprobs(model, mb.tokens, mb.positions, mb.mask,
-                                  chunk=cfg.logits_chunk, temperature=mb.temperature)[0]
+            return token_logprobs(model, mb.tokens, mb.positions, mb.mask, chunk=cfg.logits_chunk,
+                                  temperature=mb.temperature, prefix=layout)[0]
 
         if k == 1:
             return one(batch)
-        return _unsplit(jax.lax.map(one, jax.tree.map(lambda x: _split(x, k), batch)))
+        return _unsplit(jax.lax.map(one, jax.tree.map(lambda x: _split(x, k, rows), batch)), rows)
 
     jitted = jax.jit(fn, in_shardings=(state_shardings(state, mesh), batch_shardings(mesh)),
-                     out_shardings=batch_sharding(mesh, 2))
+                     out_shardings=batch_sharding(mesh, 2), static_argnums=2)
 
     def ref_logprobs(state: TrainState, batch: TrainBatch) -> jax.Array:
         _check_batch(batch, cfg)
-        return jitted(state, batch)
+        return jitted(state, batch, prefix_layout(batch))
 
     return ref_logprobs

@@ -16,6 +16,7 @@ def test_learner_config_loads_from_dotted_overrides():
 @pytest.mark.parametrize("override,match", [
     ("loss.name=ppo9", "policy loss"), ("advantage.name=mean", "advantage estimator"),
     ("kl.estimator=k5", "KL estimator"), ("trainable=(", "regex"), ("micro_batches=0", "micro"),
+    ("shared_prefix=sometimes", "shared_prefix: expected true/false"),
 ])
 def test_learner_config_rejects_unknown_names_and_bad_values(override, match):
     with pytest.raises(ConfigError, match=match):
