@@ -117,8 +117,11 @@ def shard_rows(x: jax.Array) -> jax.Array:
     (``jax.sharding.use_abstract_mesh``; the jitted programs that take a mesh set it), the rest
     replicated: under FSDP each chip then computes its own rows with gathered weights, where
     XLA would otherwise follow the weights' ``embed`` sharding and all-reduce every row's
-    activations. Unchanged without a mesh or when the axes do not divide the rows."""
+    activations. Unchanged without a mesh, when the axes do not divide the rows, or on a mesh
+    with ``tensor > 1`` (there the compiler's choice stands: with rows pinned, XLA's CPU
+    collectives over the mixed device groups deadlocked a data 2 x fsdp 2 x tensor 2 step)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or x.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]):
+    if (mesh.empty or mesh.shape["tensor"] > 1
+            or x.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"])):
         return x
     return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
