@@ -31,7 +31,7 @@ from fst_jax.distributed import fetch, same_examples
 from fst_jax.generation import Generator, TextGenerator
 from fst_jax.models.transformer import positions_from_mask
 from fst_jax.rl.batch import TrainBatch, to_global
-from fst_jax.sharding import BATCH_AXES, state_shardings
+from fst_jax.sharding import batch_devices, state_shardings
 from fst_jax.tasks.base import TASK_FAMILIES, TASKS, Example, Task, make_task, safe_reward
 
 
@@ -103,7 +103,7 @@ def make_exact_kl(graphdef: nnx.GraphDef, mesh: Mesh | None = None, chunk: int =
         return jnp.where(target, kl, 0.0).sum(1), target.sum(1)
 
     jitted = jax.jit(fn)
-    devices = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    devices = 1 if mesh is None else batch_devices(mesh)
 
     def kl(policy: nnx.State, base: nnx.State, batch: Any) -> tuple[float, np.ndarray]:
         rows = _kl_batch(*(np.asarray(getattr(batch, f)) for f in

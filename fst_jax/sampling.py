@@ -41,7 +41,7 @@ from fst_jax.distributed import fetch
 from fst_jax.models.tokenizer import PromptTokenizer
 from fst_jax.models.transformer import KV, SharedKV, Transformer, positions_from_mask
 from fst_jax.padding import bucket, pad_rows, pow2
-from fst_jax.sharding import (BATCH_AXES, batch_sharding, fsdp_gathered, replicated, shard_state,
+from fst_jax.sharding import (batch_devices, batch_sharding, fsdp_gathered, replicated, shard_state,
                               state_shardings)
 
 
@@ -316,7 +316,7 @@ class Sampler:
     def _batch_devices(self) -> int:
         if self.mesh is None:
             return 1
-        return int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
+        return batch_devices(self.mesh)
 
     def _row_sharding(self, shape: tuple[int, ...]):
         """Rows split over the batch axes when they divide evenly, else replicated."""

@@ -103,6 +103,11 @@ def shard_state(state: Any, mesh: Mesh) -> Any:
     return jax.device_put(state, state_shardings(state, mesh))
 
 
+def batch_devices(mesh: Mesh | jax.sharding.AbstractMesh) -> int:
+    """How many parts the batch axis is split into on ``mesh`` (its ``BATCH_AXES`` sizes' product)."""
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Sharding for an array whose leading axis is the batch."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
@@ -122,6 +127,6 @@ def shard_rows(x: jax.Array) -> jax.Array:
     collectives over the mixed device groups deadlocked a data 2 x fsdp 2 x tensor 2 step)."""
     mesh = jax.sharding.get_abstract_mesh()
     if (mesh.empty or mesh.shape["tensor"] > 1
-            or x.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"])):
+            or x.shape[0] % batch_devices(mesh)):
         return x
     return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))

@@ -54,7 +54,7 @@ from fst_jax.metrics import LoggingConfig
 from fst_jax.rl.optimizer import OptimizerConfig, apply_if, learning_rate, make_optimizer
 from fst_jax.runs import CONTEXT_MODES, EVAL, STEPS, RunFolder
 from fst_jax.sampling import PromptBatch, Sampler, Samples
-from fst_jax.sharding import BATCH_AXES, batch_sharding, replicated, state_shardings
+from fst_jax.sharding import batch_devices, batch_sharding, replicated, state_shardings
 from fst_jax.tasks import make_task
 
 log = logging.getLogger(__name__)
@@ -302,7 +302,7 @@ def run_distill(cfg: DistillConfig, *, max_steps_this_run: int | None = None,
     teacher, mesh = sampler.params, sampler.mesh
     state = init_distill_state(teacher, cfg.optimizer, mesh)
     step_fn = make_distill_step(sampler.graphdef, state, teacher, cfg.optimizer, mesh, cfg.kl_chunk)
-    rows_multiple = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    rows_multiple = batch_devices(mesh)
     stream = ProblemStream(task.examples("train", job.data.train_examples, seed=job.data.seed),
                            cfg.problems_per_step, job.data.shuffle_seed)
     evaluation, k = EvaluationHook(cfg.eval), cfg.eval.k

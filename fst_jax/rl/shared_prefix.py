@@ -41,10 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from fst_jax.distributed import fetch
 from fst_jax.models.transformer import (Transformer, _mlp_block, _qkv, rms_norm, rope_inv_freq,
                                         shared_attention)
 from fst_jax.rl.batch import TrainBatch, batch_shardings
-from fst_jax.sharding import replicated, shard_rows
+from fst_jax.sharding import batch_devices, replicated, shard_rows
 
 
 class PrefixLayout(NamedTuple):
@@ -91,12 +92,12 @@ def make_prefix_layout(mesh: Mesh, micro_batches: int) -> Callable[[TrainBatch],
     sh = batch_shardings(mesh)
     runs = jax.jit(prompt_runs, in_shardings=(sh.tokens, sh.positions, sh.mask, sh.completion_mask),
                    out_shardings=replicated(mesh))
-    devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    devices = batch_devices(mesh)
 
     def layout(batch: TrainBatch) -> PrefixLayout | None:
         if isinstance(batch.tokens, jax.core.Tracer):
             return None
-        first, same = (np.asarray(x.addressable_data(0)) for x in
+        first, same = (fetch(x) for x in
                        runs(batch.tokens, batch.positions, batch.mask, batch.completion_mask))
         return choose_layout(int(first), same, batch.tokens.shape[1], micro_batches, devices)
 

@@ -24,7 +24,6 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
@@ -38,6 +37,7 @@ from fst_jax.rl.lora import LoraConfig, init_lora, lora_adapters
 from fst_jax.rl.losses import (POLICY_LOSSES, LossConfig, aggregation_weights, policy_loss,
                                weighted_sum)
 from fst_jax.rl.optimizer import OptimizerConfig, apply_if, learning_rate, make_optimizer
+from fst_jax.distributed import fetch
 from fst_jax.rl.shared_prefix import PrefixLayout, make_prefix_layout, prefix_hidden
 from fst_jax.sharding import batch_sharding, replicated, state_shardings
 
@@ -245,7 +245,7 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
     schedule = learning_rate(cfg.optimizer)
     k, beta = cfg.micro_batches, cfg.kl.beta
     kl_fn = KL_ESTIMATORS[cfg.kl.estimator]
-    prefix_layout = make_prefix_layout(mesh, k) if cfg.shared_prefix else (lambda batch: None)
+    prefix_layout = _layout_finder(cfg, mesh)
 
     def model_for(trainable, frozen):
         """The model on the base weights and the LoRA adapters (None without LoRA); ``frozen``
@@ -347,7 +347,7 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
                      donate_argnums=0)
     compare = jax.jit(compare_fn, in_shardings=(state_sh, batch_sh),
                       out_shardings=replicated(mesh), static_argnums=2)
-    reference = make_ref_logprobs(graphdef, state, cfg, mesh) if beta > 0 else None
+    reference = _ref_program(graphdef, state, cfg, mesh) if beta > 0 else None
 
     def train_step(state: TrainState, batch: TrainBatch, timings: dict | None = None,
                    check_shared_prefix: bool = False):
@@ -355,14 +355,14 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
         layout = prefix_layout(batch)
         if reference is not None:  # never trust a caller-filled reference
             t0 = time.perf_counter()
-            batch = batch.replace(ref_logp=jax.block_until_ready(reference(state, batch)))
+            batch = batch.replace(ref_logp=jax.block_until_ready(reference(state, batch, layout)))
             if timings is not None:
                 timings["reference"] = timings.get("reference", 0.0) + time.perf_counter() - t0
         checked = {}
         if check_shared_prefix and layout is not None:
             checked = compare(state, batch, layout)
             log.info("shared prefix vs dense: max |logp diff| %.3g, |loss diff| %.3g",
-                     *(float(np.asarray(v.addressable_data(0))) for v in checked.values()))
+                     *(float(fetch(v)) for v in checked.values()))
         state, metrics = jitted(state, batch, layout)
         return state, {**metrics, **checked}
 
@@ -378,8 +378,25 @@ def make_ref_logprobs(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerCon
     calls it itself; it is public for evaluation and tests. With ``cfg.shared_prefix`` each
     shared prompt runs once, and a batch whose rows share prompts gets 0 in the prompt columns."""
     require(cfg.kl.beta > 0, "reference log-probs are only needed when kl.beta > 0")
+    jitted, prefix_layout = _ref_program(graphdef, state, cfg, mesh), _layout_finder(cfg, mesh)
+
+    def ref_logprobs(state: TrainState, batch: TrainBatch) -> jax.Array:
+        _check_batch(batch, cfg)
+        return jitted(state, batch, prefix_layout(batch))
+
+    return ref_logprobs
+
+
+def _layout_finder(cfg: LearnerConfig, mesh: Mesh) -> Callable[[TrainBatch], PrefixLayout | None]:
+    """``batch -> PrefixLayout | None``: ``shared_prefix.make_prefix_layout`` with
+    ``cfg.shared_prefix``, else always None (the dense path)."""
+    return make_prefix_layout(mesh, cfg.micro_batches) if cfg.shared_prefix else (lambda batch: None)
+
+
+def _ref_program(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfig, mesh: Mesh):
+    """The jitted ``(state, batch, layout) -> [B, T]`` reference log-probs of
+    ``make_ref_logprobs`` for a layout already found (``train_step`` finds it once per step)."""
     k = cfg.micro_batches
-    prefix_layout = make_prefix_layout(mesh, k) if cfg.shared_prefix else (lambda batch: None)
 
     @_in_mesh(mesh)
     def fn(state: TrainState, batch: TrainBatch, layout: PrefixLayout | None):
@@ -395,11 +412,5 @@ def make_ref_logprobs(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerCon
             return one(batch)
         return _unsplit(jax.lax.map(one, jax.tree.map(lambda x: _split(x, k, rows), batch)), rows)
 
-    jitted = jax.jit(fn, in_shardings=(state_shardings(state, mesh), batch_shardings(mesh)),
-                     out_shardings=batch_sharding(mesh, 2), static_argnums=2)
-
-    def ref_logprobs(state: TrainState, batch: TrainBatch) -> jax.Array:
-        _check_batch(batch, cfg)
-        return jitted(state, batch, prefix_layout(batch))
-
-    return ref_logprobs
+    return jax.jit(fn, in_shardings=(state_shardings(state, mesh), batch_shardings(mesh)),
+                   out_shardings=batch_sharding(mesh, 2), static_argnums=2)
