@@ -49,12 +49,12 @@ from typing import Any
 
 from fst_jax.config import ConfigError, load_config, require, save_config
 from fst_jax.models.configs import ModelConfig
-from fst_jax.padding import bucket, pow2
+from fst_jax.padding import bucket
 from fst_jax.rl.train_step import LearnerConfig
 from fst_jax.roofline import (decode_step_flops, kv_cache_bytes, prefill_flops, roofline_seconds,
                               train_step_flops)
-from fst_jax.sampling import SamplingConfig
-from fst_jax.sharding import MeshConfig
+from fst_jax.sampling import SamplingConfig, slot_shape
+from fst_jax.sharding import MeshConfig, batch_devices
 from fst_jax.tpu import parse_topology, require_libtpu, runtime_env
 
 GIB = 1024 ** 3
@@ -405,7 +405,7 @@ def measure(spec: DryRunSpec) -> dict[str, Any]:
                 g.contexts, g.prompts_per_context, g.samples, g.context_tokens, g.task_tokens,
                 g.new_tokens))
             seconds[g.name] = time.perf_counter() - t0
-            C, P = pow2(g.contexts), pow2(g.prompts_per_context)
+            C, P = slot_shape(g.contexts, g.prompts_per_context, batch_devices(mesh))
             Lc, Lt = (bucket(t, cfg.prompt_buckets) for t in (g.context_tokens, g.task_tokens))
             rows, keys = C * P * g.samples, Lc + Lt + g.new_tokens
             pre = programs[f"{g.name}_prefill"] = _memory(compiled["prefill"], resident, held)

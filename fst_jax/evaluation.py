@@ -31,7 +31,8 @@ from fst_jax.distributed import fetch, same_examples
 from fst_jax.generation import Generator, TextGenerator
 from fst_jax.models.transformer import positions_from_mask
 from fst_jax.rl.batch import TrainBatch, to_global
-from fst_jax.sharding import batch_devices, state_shardings
+from fst_jax.rl.shared_prefix import PrefixLayout, choose_layout, prefix_hidden, prompt_runs
+from fst_jax.sharding import batch_devices, in_mesh, state_shardings
 from fst_jax.tasks.base import TASK_FAMILIES, TASKS, Example, Task, make_task, safe_reward
 
 
@@ -80,7 +81,7 @@ def chunked_exact_kl(p_model: Any, q_model: Any, xp: jax.Array, xq: jax.Array,
     return kl.swapaxes(0, 1).reshape(B, n * chunk)[:, :T]
 
 
-def make_exact_kl(graphdef: nnx.GraphDef, mesh: Mesh | None = None, chunk: int = 128
+def make_exact_kl(graphdef: nnx.GraphDef, mesh: Mesh | None = None, chunk_tokens: int = 4096
                   ) -> Callable[[nnx.State, nnx.State, Any], tuple[float, np.ndarray]]:
     """``kl(policy_weights, base_weights, batch) -> (token mean, per-row mean [B])``.
 
@@ -89,33 +90,47 @@ def make_exact_kl(graphdef: nnx.GraphDef, mesh: Mesh | None = None, chunk: int =
     such ``t`` the exact ``sum_v pi(v) (log pi(v) - log pi_base(v))`` of the two models' next-
     token distributions given ``tokens[b, :t]`` (temperature 1) is taken; the token mean is over
     all completion tokens, the per-row value over each row's (NaN for a row without any).
-    Logits are computed ``chunk`` positions at a time, so ``[B, T, V]`` is never held. With
-    ``mesh``, rows are padded to a multiple of ``data * fsdp`` and sharded over them, and the
-    weights placed by ``state_shardings`` (a no-op when they already are).
+
+    Only what the completions need is computed: logits at the columns from the first one holding
+    a completion token (``S``), at most ``chunk_tokens`` rows x positions per device at a time
+    (``[B, T, V]`` is never held: 4096 x SmolLM2's vocabulary is 0.8 GB of float32), and
+    where runs of consecutive rows are equal before ``S`` (a prompt's samples, as
+    ``samples_to_rows`` lays them out: found from the data, ``rl.shared_prefix``), each run's
+    prompt once. With ``mesh``, rows are padded to a multiple of ``data * fsdp`` (of whole runs)
+    and sharded over them, and the weights placed by ``state_shardings`` (a no-op when they
+    already are).
     """
-    require(chunk >= 1, "chunk must be >= 1")
-
-    def fn(policy, base, tokens, positions, mask, loss_mask):
-        models = nnx.merge(graphdef, policy), nnx.merge(graphdef, base)
-        xs = [m.hidden(tokens, positions, mask)[0][:, :-1] for m in models]
-        kl = chunked_exact_kl(*models, *xs, chunk)
-        target = loss_mask[:, 1:]
-        return jnp.where(target, kl, 0.0).sum(1), target.sum(1)
-
-    jitted = jax.jit(fn)
+    require(chunk_tokens >= 1, "chunk_tokens must be >= 1")
     devices = 1 if mesh is None else batch_devices(mesh)
 
+    @in_mesh(mesh)
+    def fn(policy, base, tokens, positions, mask, loss_mask, layout: PrefixLayout):
+        models = nnx.merge(graphdef, policy), nnx.merge(graphdef, base)
+        S = layout.prompt_len
+        if layout.rows > 1:
+            xs = [prefix_hidden(m, tokens, positions, mask, layout) for m in models]
+        else:
+            xs = [m.hidden(tokens, positions, mask)[0][:, S - 1:-1] for m in models]
+        kl = chunked_exact_kl(*models, *xs, max(1, chunk_tokens * devices // tokens.shape[0]))
+        target = loss_mask[:, S:]
+        return jnp.where(target, kl, 0.0).sum(1), target.sum(1)
+
+    jitted = jax.jit(fn, static_argnums=6)
+
     def kl(policy: nnx.State, base: nnx.State, batch: Any) -> tuple[float, np.ndarray]:
-        rows = _kl_batch(*(np.asarray(getattr(batch, f)) for f in
-                           ("tokens", "positions", "mask", "loss_mask")), devices)
+        arrays = [np.asarray(getattr(batch, f)) for f in ("tokens", "positions", "mask", "loss_mask")]
+        B, T = arrays[0].shape
+        if not arrays[3].any():
+            raise ValueError("exact KL: the batch has no completion tokens (loss_mask all False)")
+        first, same = (np.asarray(a) for a in prompt_runs(*arrays))
+        layout = choose_layout(int(first), same, T, 1, devices) or PrefixLayout(max(int(first), 1), 1)
+        rows = _kl_batch(*arrays, layout.rows * devices)
         if mesh is not None:
             rows = to_global(rows, mesh)
             policy, base = (jax.device_put(w, state_shardings(w, mesh)) for w in (policy, base))
-        sums, counts = jitted(policy, base, rows.tokens, rows.positions, rows.mask, rows.loss_mask)
-        B = np.asarray(batch.tokens).shape[0]
+        sums, counts = jitted(policy, base, rows.tokens, rows.positions, rows.mask, rows.loss_mask,
+                              layout)
         sums, counts = fetch(sums).astype(np.float64)[:B], fetch(counts)[:B]
-        if counts.sum() == 0:
-            raise ValueError("exact KL: the batch has no completion tokens (loss_mask all False)")
         with np.errstate(invalid="ignore", divide="ignore"):
             per_row = np.where(counts > 0, sums / counts, np.nan)
         return float(sums.sum() / counts.sum()), per_row
@@ -215,16 +230,36 @@ class EvaluationConfig:
                 require_in_registry(name, TASKS, "ood task")
 
 
-def _draw_ids(keys: Sequence[tuple[str, ...]], n: int) -> list[int]:
-    """Sampler prompt ids named by each key (task, example, context): the same draws in every
-    evaluation and mode."""
-    return [zlib.crc32("\0".join(k).encode()) % (2**31 // n) for k in keys]
+@dataclasses.dataclass(frozen=True)
+class _Draw:
+    """One kind of sample an evaluation prompt gets: ``n`` at these knobs (None: the
+    generator's default)."""
+
+    name: Literal["greedy", "sampled", "kl"]
+    n: int
+    temperature: float
+    top_p: float | None = None
+    top_k: int | None = None
+
+    def ids(self, key: tuple[str, ...]) -> np.ndarray:
+        """``[n]`` sampler draw ids of this kind for one (task, example, context) key: the same
+        in every evaluation and mode, whatever else the request holds."""
+        first = zlib.crc32("\0".join((*key, self.name)).encode()) % (2**31 // self.n)
+        return first * self.n + np.arange(self.n)
+
+
+Key = tuple[str, str, str]  # (task name, example id, context)
 
 
 class EvaluationHook:
     """Runs ``EvaluationConfig``'s protocol; keeps the running maxima (``state`` /
     ``load_state`` for checkpoints). ``ood`` overrides the tasks built from
     ``config.ood_tasks`` (same names).
+
+    Each (task, example, context) prompt is sampled once per weights and evaluation: its greedy,
+    its ``k`` tempered and (for the KL) its ``kl_samples`` temperature-1 samples in one request,
+    so the prompt is prefilled once; the base weights' greedy samples are drawn once for the
+    hook's life (the base never changes).
 
     After each ``run``, ``problems`` holds its per-problem record (JSON values), the line of
     ``eval_problems.jsonl``: ``example_ids`` (task -> ids, in row order), ``scores`` (each
@@ -244,9 +279,9 @@ class EvaluationHook:
         self.problems: dict[str, Any] = {}
         self._examples: dict[str, list[Example]] = {}
         self._kl: tuple[Any, Callable] | None = None
-        # Greedy scores of the base weights per (task, example, context): the base weights never
-        # change within a run, so each is graded once (the 2x2's base row, gepa mode's policy).
-        self._base_greedy: tuple[Any, dict[tuple[str, str, str], np.ndarray]] | None = None
+        # Greedy scores of the base weights per key: the base weights never change within a run,
+        # so each is graded once (the 2x2's base row, gepa mode's policy).
+        self._base_greedy: tuple[Any, dict[Key, np.ndarray]] | None = None
 
     def due(self, step: int) -> bool:
         return self.config.every > 0 and step % self.config.every == 0
@@ -264,34 +299,64 @@ class EvaluationHook:
             self._examples[task.name] = same_examples(made, f"{task.name} test")
         return self._examples[task.name]
 
-    def _greedy(self, generator, params, base_params, jobs: list[tuple[Task, Example, str]]
-                ) -> dict[tuple[str, str, str], np.ndarray]:
-        """``_grade(..., n=1, temperature=0)``, remembered across evaluations when ``params`` is
-        ``base_params`` (the same object: a new one starts the memory afresh)."""
-        if params is not base_params:
-            return self._grade(generator, params, jobs, 1, 0.0)
+    def _base_memo(self, base_params) -> dict[Key, np.ndarray]:
+        """Greedy scores ``[1]`` of ``base_params`` per key so far (a new base object: none)."""
         if self._base_greedy is None or self._base_greedy[0] is not base_params:
             self._base_greedy = (base_params, {})
-        memo = self._base_greedy[1]
-        todo = [j for j in jobs if (j[0].name, j[1].id, j[2]) not in memo]
-        if todo:
-            memo.update(self._grade(generator, params, todo, 1, 0.0))
-        return {(t.name, ex.id, ctx): memo[(t.name, ex.id, ctx)] for t, ex, ctx in jobs}
+        return self._base_greedy[1]
 
-    def _grade(self, generator, params, jobs: list[tuple[Task, Example, str]], n: int,
-               temperature: float) -> dict[tuple[str, str, str], np.ndarray]:
-        """Scores ``[n]`` per distinct (task, example, context) job, from one generator call."""
-        keys = list(dict.fromkeys((t.name, ex.id, ctx) for t, ex, ctx in jobs))
-        by_key = {(t.name, ex.id, ctx): (t, ex) for t, ex, ctx in jobs}
-        pairs = [(ctx, by_key[(name, ex_id, ctx)][1].prompt) for name, ex_id, ctx in keys]
-        texts = generator.generate_text(params, pairs, n=n, seed=self.config.seed,
-                                        temperature=temperature,
-                                        max_new_tokens=self.config.max_new_tokens,
-                                        prompt_ids=_draw_ids(keys, n))
-        if len(texts) != len(keys) or any(len(t) != n for t in texts):
-            raise ValueError(f"generator returned {len(texts)} groups for {len(keys)} prompts (n={n})")
-        return {k: np.array([safe_reward(*by_key[k], out)[0] for out in outs])
-                for k, outs in zip(keys, texts)}
+    def _sample(self, generator, params, base_params, jobs: Mapping[Key, tuple[Task, Example, str]],
+                draws_of: Callable[[Key], tuple[_Draw, ...]]
+                ) -> tuple[dict[Key, dict[str, np.ndarray]], dict[Key, tuple[np.ndarray, np.ndarray]]]:
+        """Each job's draws (``draws_of(key)``, none: skipped) from ``params``, one request per
+        distinct tuple of draws: ``(scores, kl)`` with ``scores[key][draw name]`` the rewards
+        ``[n]`` and, for a ``kl`` draw, ``kl[key]`` its completions' exact KL to ``base_params``
+        per token and lengths (``[n]`` each; KL 0 for an empty completion)."""
+        requests: dict[tuple[_Draw, ...], list[Key]] = {}
+        for key in jobs:
+            if draws := draws_of(key):
+                requests.setdefault(draws, []).append(key)
+        scores: dict[Key, dict[str, np.ndarray]] = {}
+        kl: dict[Key, tuple[np.ndarray, np.ndarray]] = {}
+        for draws, keys in requests.items():
+            n = sum(d.n for d in draws)
+            spans, at = {}, 0
+            for d in draws:
+                spans[d.name], at = range(at, at + d.n), at + d.n
+            request = dict(n=n, seed=self.config.seed, max_new_tokens=self.config.max_new_tokens,
+                           prompt_ids=np.stack([np.concatenate([d.ids(key) for d in draws]) for key in keys]),
+                           **{knob: [getattr(d, knob) for d in draws for _ in range(d.n)]
+                              for knob in ("temperature", "top_p", "top_k")})
+            pairs = [(key[2], jobs[key][1].prompt) for key in keys]
+            if "kl" in spans:
+                batches = self._kl_scorer(generator).generate_many(params, pairs, **request)
+                texts = [[generator.decode_row(b, p * n + j) for j in range(n)]
+                         for b in batches for p in range(b.prompts.num_prompts)]
+                kl.update(zip(keys, (pair for b in batches for pair in self._exact_kl(
+                    params, base_params, b.subset(b.prompts.num_prompts, spans["kl"])))))
+            else:
+                texts = generator.generate_text(params, pairs, **request)
+            if len(texts) != len(keys) or any(len(t) != n for t in texts):
+                raise ValueError(f"generator returned {len(texts)} groups for {len(keys)} prompts (n={n})")
+            for key, outs in zip(keys, texts):
+                task, example, _ = jobs[key]
+                rewards = np.array([safe_reward(task, example, out)[0] for out in outs])
+                scores[key] = {name: rewards[list(span)] for name, span in spans.items()}
+        return scores, kl
+
+    def _kl_scorer(self, generator) -> Generator:
+        if not isinstance(generator, Generator):
+            raise TypeError(f"kl needs a Generator (fst_jax.generation: token-level samples and the "
+                            f"weights' graphdef), not a {type(generator).__name__}; set eval.kl=false otherwise")
+        if self._kl is None or self._kl[0] is not generator:
+            self._kl = (generator, make_exact_kl(generator.graphdef, generator.mesh))
+        return generator
+
+    def _exact_kl(self, params, base_params, samples) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per prompt of ``samples``: its completions' KL per token and lengths ``[n]``."""
+        _, per_row = self._kl[1](params, base_params, samples_to_rows(samples))
+        tokens = samples.mask.sum(1).reshape(-1, samples.n)
+        return list(zip(np.where(tokens > 0, per_row.reshape(tokens.shape), 0.0), tokens))
 
     def run(self, generator: TextGenerator, params, base_params, task: Task, contexts: Sequence[str],
             original_prompt: str | None = None) -> dict[str, float]:
@@ -315,33 +380,48 @@ class EvaluationHook:
         require(base_params is not None or not (cfg.kl or cfg.two_by_two),
                 "kl and two_by_two need base_params")
         best_ctx = contexts[0]
-        main = [(task, ex, c) for ex in self.examples(task) for c in (best_ctx, original_prompt)]
-        ood = [(t, ex, t.original_prompt) for t in self.ood.values() for ex in self.examples(t)]
+        kl_ctx = {w: best_ctx if w == "best" else original_prompt for w in cfg.kl_contexts} if cfg.kl else {}
+        main = {(task.name, ex.id, c): (task, ex, c) for ex in self.examples(task)
+                for c in (best_ctx, original_prompt)}
+        ood = {(t.name, ex.id, t.original_prompt): (t, ex, t.original_prompt)
+               for t in self.ood.values() for ex in self.examples(t)}
+        memo = self._base_memo(base_params) if cfg.greedy and base_params is not None else {}
+        policy_is_base = params is base_params
+        greedy, sampled = _Draw("greedy", 1, 0.0), _Draw("sampled", k, cfg.temperature)
+        kl_draw = _Draw("kl", cfg.kl_samples, 1.0, 1.0, 0)
+
+        def draws_of(key: Key) -> tuple[_Draw, ...]:
+            drawn = (greedy,) if cfg.greedy and not (policy_is_base and key in memo) else ()
+            return (*drawn, sampled, *((kl_draw,) if key in main and key[2] in kl_ctx.values() else ()))
+
+        graded, kl = self._sample(generator, params, base_params, {**main, **ood}, draws_of)
+        if policy_is_base:
+            memo.update({key: g["greedy"] for key, g in graded.items() if "greedy" in g})
+        if cfg.two_by_two:  # the base row: only keys the memo lacks
+            base, _ = self._sample(generator, base_params, base_params, main,
+                                   lambda key: () if key in memo else (greedy,))
+            memo.update({key: g["greedy"] for key, g in base.items()})
+
+        def table(t: Task, ctx: str, draw: str, weights: str = "trained") -> np.ndarray:
+            keys = [(t.name, ex.id, ctx) for ex in self.examples(t)]
+            if draw == "greedy" and (weights == "base" or policy_is_base):
+                return np.stack([memo[key] for key in keys])[:, 0]
+            rows = np.stack([graded[key][draw] for key in keys])
+            return rows[:, 0] if draw == "greedy" else rows
+
         scores: dict[str, np.ndarray] = {}  # eval.jsonl key -> per-example scores
-
-        def table(graded, t: Task, ctx: str) -> np.ndarray:
-            return np.stack([graded[(t.name, ex.id, ctx)] for ex in self.examples(t)])
-
-        sampled = self._grade(generator, params, main + ood, k, cfg.temperature)
-        scores[f"eval/mean@{k}"] = table(sampled, task, best_ctx)
-        scores[f"eval/mean@{k}_original"] = table(sampled, task, original_prompt)
+        scores[f"eval/mean@{k}"] = table(task, best_ctx, "sampled")
+        scores[f"eval/mean@{k}_original"] = table(task, original_prompt, "sampled")
         for name, t in self.ood.items():
-            scores[f"eval/ood/{name}/mean@{k}"] = table(sampled, t, t.original_prompt)
+            scores[f"eval/ood/{name}/mean@{k}"] = table(t, t.original_prompt, "sampled")
         if cfg.greedy:
-            greedy = self._greedy(generator, params, base_params, main + ood)
-            scores["eval/pass@1"] = table(greedy, task, best_ctx)[:, 0]
-            scores["eval/pass@1_original"] = table(greedy, task, original_prompt)[:, 0]
+            scores["eval/pass@1"] = table(task, best_ctx, "greedy")
+            scores["eval/pass@1_original"] = table(task, original_prompt, "greedy")
             for name, t in self.ood.items():
-                scores[f"eval/ood/{name}/pass@1"] = table(greedy, t, t.original_prompt)[:, 0]
+                scores[f"eval/ood/{name}/pass@1"] = table(t, t.original_prompt, "greedy")
         if cfg.two_by_two:
-            graded = {id(params): greedy}
-
-            def accuracy(weights, ctx: str) -> np.ndarray:
-                if id(weights) not in graded:  # the base weights, both contexts in one call
-                    graded[id(weights)] = self._greedy(generator, weights, base_params, main)
-                return table(graded[id(weights)], task, ctx)[:, 0]
-
-            grid = decomposition_2x2(accuracy, base_params, params, original_prompt, best_ctx)
+            grid = decomposition_2x2(lambda weights, ctx: table(task, ctx, "greedy", weights),
+                                     "base", "trained", original_prompt, best_ctx)
             scores.update({f"eval/2x2/{key}": v for key, v in grid.items()})
         out = {key: (mean_at_k(v) if v.ndim == 2 else pass_at_1(v)) for key, v in scores.items()}
         for key in (f"eval/mean@{k}", f"eval/mean@{k}_original", "eval/pass@1",
@@ -352,38 +432,15 @@ class EvaluationHook:
         names = {t.name: [ex.id for ex in self.examples(t)] for t in [task, *self.ood.values()]}
         self.problems = {"example_ids": names, "scores": {key: v.tolist() for key, v in scores.items()}}
         if cfg.kl:
-            kl, tokens = {}, {}
-            measured: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-            for which in cfg.kl_contexts:
-                ctx = best_ctx if which == "best" else original_prompt
-                if ctx not in measured:  # rl mode: the best context is the original prompt
-                    measured[ctx] = self.kl_to_base(generator, params, base_params, task, ctx)
+            per_key: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+            for which, ctx in kl_ctx.items():
                 key = "eval/kl_to_base" + ("" if which == "best" else "_original")
-                kl[key], tokens[key] = (a.tolist() for a in measured[ctx])
-                out[key] = kl_token_mean(*measured[ctx])
-            self.problems.update(kl=kl, kl_tokens=tokens)
+                rows = [kl[(task.name, ex.id, ctx)] for ex in self.examples(task)]
+                per_key[key] = tuple(np.stack(a) for a in zip(*rows))
+                out[key] = kl_token_mean(*per_key[key])
+            self.problems.update(kl={key: v[0].tolist() for key, v in per_key.items()},
+                                 kl_tokens={key: v[1].tolist() for key, v in per_key.items()})
         return out
-
-    def kl_to_base(self, generator: Generator, params, base_params, task: Task, context: str
-                   ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact KL(pi_params || pi_base) on ``kl_samples`` temperature-1 samples per example
-        with ``context``: ``(kl [n, kl_samples], tokens [n, kl_samples])``, each completion's KL
-        per token (0 for an empty one) and its length; ``kl_token_mean`` of them is the mean per
-        token. Draws are named by (task, example, context), as in ``_grade``."""
-        if not isinstance(generator, Generator):
-            raise TypeError(f"kl needs a Generator (fst_jax.generation: token-level samples and the "
-                            f"weights' graphdef), not a {type(generator).__name__}; set eval.kl=false otherwise")
-        if self._kl is None or self._kl[0] is not generator:
-            self._kl = (generator, make_exact_kl(generator.graphdef, generator.mesh))
-        n, examples = self.config.kl_samples, self.examples(task)
-        prompts = generator.encode([(context, ex.prompt) for ex in examples])
-        samples = generator.generate(params, prompts, n=n, seed=self.config.seed + 1,
-                                     temperature=1.0, top_p=1.0, top_k=0,
-                                     max_new_tokens=self.config.max_new_tokens,
-                                     prompt_ids=_draw_ids([(task.name, ex.id, context) for ex in examples], n))
-        _, per_row = self._kl[1](params, base_params, samples_to_rows(samples))
-        tokens = np.asarray(samples.mask).sum(1).reshape(len(examples), n)
-        return np.where(tokens > 0, per_row.reshape(tokens.shape), 0.0), tokens
 
 
 def kl_token_mean(kl: Any, tokens: Any) -> float:

@@ -12,7 +12,8 @@ each compiled program (``report["programs"]``, from a dry run on a TPU slice):
   batches are smaller, so slower), and its proposals (the most the budget allows, one per
   ``2 x minibatch_size`` samples, at most ``max_proposals``), each one reflection request
   (``parallel_proposals`` per call) for the policy reflector;
-- an evaluation: ``ceil(prompts / prompts per call)`` calls of the evaluation program;
+- an evaluation: as many calls of the evaluation program (its largest) as it makes (the
+  trained weights' requests: ``preflight.eval_requests``);
 - a cycle: ``fast.every`` RL steps, one GEPA round and its share of evaluations; the run:
   ``steps`` RL steps, ``steps / fast.every`` rounds, ``steps / eval.every`` evaluations.
 
@@ -53,9 +54,9 @@ def forecast(job, report: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"label": LABEL, "topology": slice_.name, "rl_step": step}
     evaluation = 0.0
     if job.eval.every > 0:
-        labels, chunk = eval_requests(job)
+        calls, _ = eval_requests(job)
         ev = shapes["eval"]
-        evaluation = math.ceil(len(labels) / chunk) * _seconds(report, "eval")
+        evaluation = len(calls) * _seconds(report, "eval")
         per_completion = _seconds(report, "eval") / (ev.contexts * ev.prompts_per_context * ev.samples)
     rounds, gepa_round = 0, 0.0
     if job.evolves_contexts:

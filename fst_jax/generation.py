@@ -23,14 +23,18 @@ if TYPE_CHECKING:
     from fst_jax.sampling import PromptBatch, Samples, SamplingConfig
 
 
+Knob = Any  # float | int | None, or a sequence of n of them: one per sample index (None: default)
+
+
 class TextGenerator(Protocol):
     def generate_text(self, params: Any, pairs: Sequence[tuple[str, str]], n: int = 1, seed: int = 0,
-                      temperature: float | None = None, top_p: float | None = None,
-                      top_k: int | None = None, max_new_tokens: int | None = None,
+                      temperature: Knob = None, top_p: Knob = None, top_k: Knob = None,
+                      max_new_tokens: int | None = None,
                       prompt_ids: Sequence[int] | None = None) -> list[list[str]]:
         """``n`` completions for each (context, user message) pair, in order; ``None`` knobs take
-        the generator's defaults; ``prompt_ids`` (one per pair) name each pair's random draws, so
-        they do not depend on the request."""
+        the generator's defaults, a sequence of ``n`` sets each sample index's own (a greedy
+        sample and tempered ones of a prompt in one request); ``prompt_ids`` (one per pair) name
+        each pair's random draws, so they do not depend on the request."""
         ...
 
 
@@ -47,11 +51,19 @@ class Generator(TextGenerator, Protocol):
         ...
 
     def generate(self, params: Any, prompts: PromptBatch, n: int = 1, seed: int = 0,
-                 temperature: float | None = None, top_p: float | None = None,
-                 top_k: int | None = None, max_new_tokens: int | None = None,
+                 temperature: Knob = None, top_p: Knob = None, top_k: Knob = None,
+                 max_new_tokens: int | None = None,
                  prompt_ids: Sequence[int] | None = None) -> Samples:
         """``n`` samples of each prompt row (row ``r`` continues prompt ``r // n``): tokens,
         their log-probs under ``log_softmax(logits / T)``, masks, lengths."""
+        ...
+
+    def generate_many(self, params: Any, pairs: Sequence[tuple[str, str]], n: int = 1, seed: int = 0,
+                      temperature: Knob = None, top_p: Knob = None, top_k: Knob = None,
+                      max_new_tokens: int | None = None,
+                      prompt_ids: Sequence[int] | None = None) -> list[Samples]:
+        """``generate_text``'s request as token-level ``Samples``, one per chunk of consecutive
+        pairs the engine ran together (in order; together they cover every pair once)."""
         ...
 
     def decode_row(self, samples: Samples, row: int) -> str:

@@ -14,8 +14,10 @@ depend on the length buckets, ``n``, ``max_new_tokens``, and the number of disti
 the most prompts sharing one (both rounded up to powers of two), never on the texts. Each row
 draws from its own key, ``fold_in(fold_in(seed, prompt_id * n + sample_index), step)``, so
 results do not depend on the batch they were computed in: ``prompt_id`` is the prompt's index in
-the request, or an id the caller gives (``prompt_ids``), which makes a prompt's draws the same in
-any request (evaluations compare checkpoints and modes on equal draws).
+the request, or an id the caller gives (``prompt_ids``; or each row's own id), which makes a
+prompt's draws the same in any request (evaluations compare checkpoints and modes on equal
+draws). Temperature, top-p and top-k may differ per sample index, so one request can hold a
+prompt's greedy sample and its tempered ones over a single prefill.
 
 Returned log-probs are those of the sampled tokens under the temperature-scaled, unfiltered
 model distribution ``log_softmax(logits / T)`` (``T = 1`` for greedy rows).
@@ -125,6 +127,20 @@ class Samples:
     def prompt_index(self) -> np.ndarray:
         return np.arange(self.tokens.shape[0]) // self.n
 
+    def subset(self, prompts: int, samples: Sequence[int]) -> "Samples":
+        """The first ``prompts`` prompt rows with, of each, the samples ``samples`` (indices
+        ``< n``, in that order): ``len(samples)`` rows per prompt."""
+        js = np.asarray(samples, np.int64)
+        require(0 < prompts <= self.prompts.num_prompts and js.size > 0 and js.min() >= 0
+                and js.max() < self.n, f"no subset {prompts} prompts x samples {list(js)} of "
+                f"{self.prompts.num_prompts} x {self.n}")
+        rows = (np.arange(prompts)[:, None] * self.n + js).reshape(-1)
+        p = self.prompts
+        head = PromptBatch(p.tokens[:prompts], p.mask[:prompts], p.context_lengths[:prompts],
+                           p.lengths[:prompts])
+        return Samples(head, len(js), *(a[rows] for a in (self.tokens, self.logprobs, self.mask,
+                                                          self.lengths, self.finished, self.temperature)))
+
 
 @dataclasses.dataclass(frozen=True)
 class SharePlan:
@@ -150,9 +166,22 @@ class SharePlan:
         return self.task_tokens.shape[0]
 
 
-def share_plan(prompts: PromptBatch, buckets: Sequence[int], pad_id: int) -> SharePlan:
+def slot_shape(contexts: int, most_prompts: int, multiple: int = 1) -> tuple[int, int]:
+    """``(C, m)``: the context slots and prompt slots per context that ``share_plan`` lays out
+    for ``contexts`` distinct contexts with at most ``most_prompts`` prompts under one: powers of
+    two (few compiled programs), ``m`` doubled until ``C * m`` is a multiple of ``multiple`` (the
+    devices the rows shard over; for a ``multiple`` not a power of two, until ``C * m`` reaches
+    it, and rows that do not divide evenly are replicated)."""
+    C, m = pow2(contexts), pow2(most_prompts)
+    while (C * m) % multiple and C * m < multiple:
+        m *= 2
+    return C, m
+
+
+def share_plan(prompts: PromptBatch, buckets: Sequence[int], pad_id: int, multiple: int = 1) -> SharePlan:
     """Group ``prompts`` by identical context tokens (first appearance order); contexts and tasks
-    are padded to ``buckets`` lengths. A prompt keeps at least one task token (the last)."""
+    are padded to ``buckets`` lengths, slots to ``slot_shape(..., multiple)``. A prompt keeps at
+    least one task token (the last)."""
     rows = [prompts.tokens[i][prompts.mask[i]] for i in range(prompts.num_prompts)]
     if any(len(r) == 0 for r in rows):
         raise ValueError("every prompt needs at least one token")
@@ -162,7 +191,7 @@ def share_plan(prompts: PromptBatch, buckets: Sequence[int], pad_id: int) -> Sha
     groups: list[list[int]] = [[] for _ in ids]
     for p, c in enumerate(ctx_of):
         groups[c].append(p)
-    C, m = pow2(len(groups)), pow2(max(map(len, groups)))
+    C, m = slot_shape(len(groups), max(map(len, groups)), multiple)
     groups += [groups[0]] * (C - len(groups))
     prompt_of_slot = np.asarray([g[j % len(g)] for g in groups for j in range(m)], np.int32)
     slot_of_prompt = np.zeros(len(rows), np.int32)
@@ -236,11 +265,13 @@ def sample_tokens(keys, logits, temperature, top_p, top_k):
     return tokens, jnp.take_along_axis(scaled, tokens[:, None], -1)[:, 0] - lse
 
 
-def chunk_size(num_pairs: int, max_prompts: int, batch_devices: int = 1) -> int:
-    """Prompts per call when ``generate_text`` serves ``num_pairs`` pairs: the next power of two,
-    at most ``max_prompts``, rounded up to a multiple of ``batch_devices``."""
-    chunk = min(max_prompts, pow2(num_pairs))
-    return chunk + (-chunk % batch_devices)
+def chunks(num_pairs: int, max_prompts: int) -> list[range]:
+    """The calls ``generate_many`` splits ``num_pairs`` pairs into: as few as ``max_prompts``
+    allows, of equal sizes (to one), consecutive. No pair is repeated to fill a call:
+    ``share_plan`` rounds slot counts itself."""
+    n = -(-num_pairs // max_prompts)
+    edges = [round(i * num_pairs / n) for i in range(n + 1)]
+    return [range(a, b) for a, b in zip(edges, edges[1:])]
 
 
 class Sampler:
@@ -333,10 +364,10 @@ class Sampler:
         """Ahead-of-time compiles of the prefill and decode programs that ``generate`` runs for
         ``contexts`` distinct contexts of up to ``context_tokens`` tokens with
         ``prompts_per_context`` prompts each of up to ``task_tokens`` more, ``n`` samples per
-        prompt and ``max_new_tokens`` new tokens (counts rounded up to powers of two and lengths
+        prompt and ``max_new_tokens`` new tokens (counts rounded as ``slot_shape`` and lengths
         to the prompt buckets, as ``share_plan`` pads them), over ``self.params``' shapes and
         shardings. Nothing runs: for memory analysis (``fst_jax.dryrun``)."""
-        C, m = pow2(contexts), pow2(prompts_per_context)
+        C, m = slot_shape(contexts, prompts_per_context, self._batch_devices())
         Lc, Lt = (bucket(t, self.config.prompt_buckets) for t in (context_tokens, task_tokens))
 
         def arg(shape, dtype):
@@ -359,25 +390,37 @@ class Sampler:
         return {"prefill": prefill, "decode": decode}
 
     def generate(self, params, prompts: PromptBatch, n: int = 1, seed: int = 0,
-                 temperature: float | None = None, top_p: float | None = None,
-                 top_k: int | None = None, max_new_tokens: int | None = None,
+                 temperature=None, top_p=None, top_k=None, max_new_tokens: int | None = None,
                  prompt_ids: Sequence[int] | None = None) -> Samples:
         """Sample ``n`` completions per prompt row (see ``Samples``). ``None`` arguments take the
-        config's values; each distinct ``max_new_tokens`` compiles its own decode program.
-        ``prompt_ids``: one id per prompt row naming its draws (default: the row's index), with
-        ``0 <= id`` and ``(id + 1) * n <= 2**31``."""
+        config's values; ``temperature``, ``top_p`` and ``top_k`` are one value or one per sample
+        index (``n`` of them, None entries the config's: e.g. a greedy sample and k tempered ones
+        of each prompt from one prefill); each distinct ``max_new_tokens`` compiles its own
+        decode program.
+        ``prompt_ids``: one id per prompt row naming its draws (default: the row's index; sample
+        ``j`` of prompt id ``i`` draws as row ``i * n + j``), with ``0 <= id`` and
+        ``(id + 1) * n <= 2**31``; or ``[P, n]`` ids in ``[0, 2**31)``, each row's own (draws
+        that do not depend on which other samples a request holds)."""
         cfg = self.config
-        ids = np.arange(prompts.num_prompts) if prompt_ids is None else np.asarray(prompt_ids, np.int64)
-        require(ids.shape == (prompts.num_prompts,), f"{len(ids)} prompt_ids for {prompts.num_prompts} prompts")
-        require(ids.min() >= 0 and (ids.max() + 1) * n <= 2**31, "prompt_ids must be in [0, 2**31 / n)")
-        plan = share_plan(prompts, cfg.prompt_buckets, self.tokenizer.pad_id)
-        B = plan.num_slots * n
-        per_row = lambda v, dflt, dt: np.full((B,), dflt if v is None else v, dt)  # noqa: E731
-        temp = per_row(temperature, cfg.temperature, np.float32)
-        tp = per_row(top_p, cfg.top_p, np.float32)
-        tk = per_row(top_k, cfg.top_k, np.int32)
+        P = prompts.num_prompts
+        ids = np.arange(P) if prompt_ids is None else np.asarray(prompt_ids, np.int64)
+        require(ids.shape in ((P,), (P, n)), f"prompt_ids of shape {ids.shape} for {P} prompts x {n}")
+        if ids.ndim == 1:
+            require(ids.min() >= 0 and (ids.max() + 1) * n <= 2**31, "prompt_ids must be in [0, 2**31 / n)")
+            ids = ids[:, None] * n + np.arange(n)
+        require(ids.min() >= 0 and ids.max() < 2**31, "per-row prompt_ids must be in [0, 2**31)")
+        plan = share_plan(prompts, cfg.prompt_buckets, self.tokenizer.pad_id, self._batch_devices())
+
+        def per_row(value, default, dtype, name):
+            values = [value] * n if value is None or np.ndim(value) == 0 else list(value)
+            require(len(values) == n, f"{name}: one value or one per sample ({n}), got {len(values)}")
+            return np.tile(np.array([default if v is None else v for v in values], dtype), plan.num_slots)
+
+        temp = per_row(temperature, cfg.temperature, np.float32, "temperature")
+        tp = per_row(top_p, cfg.top_p, np.float32, "top_p")
+        tk = per_row(top_k, cfg.top_k, np.int32, "top_k")
         samples = np.arange(n, dtype=np.int32)
-        row_ids = (ids[plan.prompt_of_slot][:, None] * n + samples).reshape(-1).astype(np.int32)
+        row_ids = ids[plan.prompt_of_slot].reshape(-1).astype(np.int32)
         start_pos = np.repeat(plan.task_start + plan.task_mask.sum(1).astype(np.int32), n)
         if self.gathers:
             params = self._gather(params)
@@ -397,30 +440,27 @@ class Sampler:
                              self._put(plan.ctx_mask), self._put(plan.task_tokens),
                              self._put(plan.task_mask), self._put(plan.task_start), n=n)
 
-    def generate_text(self, params, pairs: Sequence[tuple[str, str]], n: int = 1, seed: int = 0,
-                      temperature: float | None = None, top_p: float | None = None,
-                      top_k: int | None = None, max_new_tokens: int | None = None,
-                      prompt_ids: Sequence[int] | None = None) -> list[list[str]]:
-        """``n`` completion texts per (context, task) pair, in order. Requests run in equal
-        chunks of a power of two up to ``max_prompts_per_batch`` prompts (the last chunk padded
-        by repeating a pair), so request sizes share few compiled programs. ``prompt_ids`` (one
-        per pair, see ``generate``) make each pair's draws independent of the request."""
+    def generate_many(self, params, pairs: Sequence[tuple[str, str]], n: int = 1, seed: int = 0,
+                      temperature=None, top_p=None, top_k=None, max_new_tokens: int | None = None,
+                      prompt_ids: Sequence[int] | None = None) -> list[Samples]:
+        """``generate`` over (context, task) pairs in ``chunks`` of at most
+        ``max_prompts_per_batch`` prompts: one ``Samples`` per chunk, in order. ``prompt_ids``
+        (one per pair, see ``generate``) make each pair's draws independent of the request;
+        without them the chunk starting at pair ``i`` draws with ``seed + i``."""
         require(prompt_ids is None or len(prompt_ids) == len(pairs), "one prompt id per pair")
-        chunk = chunk_size(len(pairs), self.config.max_prompts_per_batch, self._batch_devices())
-        texts: list[list[str]] = []
-        for start in range(0, len(pairs), chunk):
-            part = list(pairs[start:start + chunk])
-            real = len(part)
-            part += [part[-1]] * (chunk - real)
-            ids = None
-            if prompt_ids is not None:
-                ids = list(prompt_ids[start:start + chunk])
-                ids += [ids[-1]] * (chunk - real)
-            s = self.generate(params, self.encode(part), n, seed if ids is not None else seed + start, temperature,
-                              top_p, top_k, max_new_tokens, ids)
-            for p in range(real):
-                texts.append([self.decode_row(s, p * n + j) for j in range(n)])
-        return texts
+        return [self.generate(params, self.encode(pairs[c.start:c.stop]), n,
+                              seed if prompt_ids is not None else seed + c.start, temperature, top_p,
+                              top_k, max_new_tokens, None if prompt_ids is None else prompt_ids[c.start:c.stop])
+                for c in chunks(len(pairs), self.config.max_prompts_per_batch)]
+
+    def generate_text(self, params, pairs: Sequence[tuple[str, str]], n: int = 1, seed: int = 0,
+                      temperature=None, top_p=None, top_k=None, max_new_tokens: int | None = None,
+                      prompt_ids: Sequence[int] | None = None) -> list[list[str]]:
+        """``n`` completion texts per (context, task) pair, in order (``generate_many``)."""
+        return [[self.decode_row(s, p * n + j) for j in range(n)]
+                for s in self.generate_many(params, pairs, n, seed, temperature, top_p, top_k,
+                                            max_new_tokens, prompt_ids)
+                for p in range(s.prompts.num_prompts)]
 
     def decode_row(self, samples: Samples, row: int) -> str:
         """Completion text of one row, special tokens (EOS) removed."""

@@ -9,7 +9,8 @@ Meshes use ``AxisType.Auto`` so XLA propagates shardings through the jitted core
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -130,3 +131,18 @@ def shard_rows(x: jax.Array) -> jax.Array:
             or x.shape[0] % batch_devices(mesh)):
         return x
     return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
+
+
+def in_mesh(mesh: Mesh | None) -> Callable[[Callable], Callable]:
+    """Decorator: trace the function with ``mesh`` as the abstract mesh in context (none: as
+    is), so the model's ``shard_rows`` constraints keep each batch row on its own devices."""
+    def wrap(fn):
+        if mesh is None:
+            return fn
+
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                return fn(*args, **kwargs)
+        return inner
+    return wrap

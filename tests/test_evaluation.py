@@ -43,9 +43,11 @@ def test_metrics_reject_wrong_shapes_and_non_finite_scores(fn, bad):
 MODEL = tiny("llama")
 
 
-def kl_batch(rows=5, seed=0):
+def kl_batch(rows=5, seed=0, samples=1):
+    """``rows`` prompts, each repeated for ``samples`` consecutive rows with its own completion."""
     rng = np.random.default_rng(seed)
-    prompts = [rng.integers(1, MODEL.vocab_size, rng.integers(3, 10)) for _ in range(rows)]
+    prompts = [p for _ in range(rows) for p in [rng.integers(1, MODEL.vocab_size, rng.integers(3, 10))] * samples]
+    rows *= samples
     comps = [rng.integers(1, MODEL.vocab_size, rng.integers(1, 12)) for _ in range(rows)]
     return build_train_batch(prompts, comps, [np.zeros(len(c)) for c in comps], [0.0] * rows,
                              list(range(rows)), [0] * rows, pad_id=0,
@@ -66,19 +68,21 @@ def numpy_kl(policy_model, base_model, batch):
     return (kl * m).sum() / m.sum(), (kl * m).sum(1) / m.sum(1)
 
 
-@pytest.mark.parametrize("mesh_cfg, chunk", [(None, 7), (MeshConfig(data=2, fsdp=2, tensor=2), 64)])
-def test_exact_kl_equals_numpy_full_vocabulary_kl_per_completion_token(mesh_cfg, chunk):
+@pytest.mark.parametrize("samples", [1, 3], ids=["own-prompts", "prompts-shared-by-3-rows"])
+@pytest.mark.parametrize("mesh_cfg, chunk", [(None, 7), (MeshConfig(data=2, fsdp=2, tensor=2), 4096),
+                                             (MeshConfig(data=2, fsdp=4), 5)])
+def test_exact_kl_equals_numpy_full_vocabulary_kl_per_completion_token(mesh_cfg, chunk, samples):
     policy, base = init_model(MODEL, seed=1), init_model(MODEL, seed=2)
     graphdef, pw = nnx.split(policy)
     bw = nnx.state(base)
     mesh = make_mesh(mesh_cfg) if mesh_cfg else None
-    batch = kl_batch()
-    mean, per_row = make_exact_kl(graphdef, mesh, chunk=chunk)(pw, bw, batch)
+    batch = kl_batch(samples=samples)
+    mean, per_row = make_exact_kl(graphdef, mesh, chunk_tokens=chunk)(pw, bw, batch)
     want_mean, want_rows = numpy_kl(policy, base, batch)
     assert mean > 1e-3
     np.testing.assert_allclose(mean, want_mean, rtol=1e-4)
     np.testing.assert_allclose(per_row, want_rows, rtol=1e-4)
-    same, _ = make_exact_kl(graphdef, mesh, chunk=chunk)(pw, pw, batch)
+    same, _ = make_exact_kl(graphdef, mesh, chunk_tokens=chunk)(pw, pw, batch)
     assert abs(same) < 1e-6
 
 
@@ -128,13 +132,14 @@ class StubGenerator:
 
     def generate_text(self, params, pairs, n=1, seed=0, temperature=None, top_p=None, top_k=None,
                       max_new_tokens=None, prompt_ids=None):
+        temperature = list(np.broadcast_to(temperature, (n,)))
         self.calls.append((params["skill"], list(pairs), n, temperature))
-        self.ids.update(zip(pairs, prompt_ids))
+        self.ids.update(zip(pairs, map(tuple, np.reshape(prompt_ids, (len(pairs), -1)))))
         out = []
         for context, prompt in pairs:
             i, answer = self.index[prompt]
             good = i < params["skill"] + (2 if HINT in context else 0)
-            out.append([f"#### {answer}" if good and (temperature == 0 or j % 2 == 0)
+            out.append([f"#### {answer}" if good and (temperature[j] == 0 or j % 2 == 0)
                         else "#### 99999" for j in range(n)])
         return out
 
@@ -157,7 +162,8 @@ def test_hook_scores_best_context_original_prompt_ood_and_2x2():
         "eval/2x2/trained/original": 4 / 8, "eval/2x2/trained/evolved": 6 / 8}
     ood_prompts = {ex.prompt for ex in hook.examples(hook.ood["arithmetic-ood-test"])}
     assert {ctx for _, pairs, _, _ in gen.calls for ctx, p in pairs if p in ood_prompts} == {"OOD."}
-    assert len(gen.calls) == 3  # sampled, greedy, base greedy
+    assert len(gen.calls) == 2  # the trained weights' greedy and sampled draws together; the base's
+    assert gen.calls[0][2:] == (5, [0.0] + [0.6] * 4)
     assert out["eval/pass@1_max"] == 6 / 8
     assert hook.due(10) and not hook.due(11)
 
@@ -217,42 +223,70 @@ def _kl_setup(kl_samples=1, kl_contexts=("best", "original")):
     return sampler, base, hook
 
 
-def test_hook_kl_is_the_exact_kl_of_the_policys_own_samples_per_completion():
+def kl_draw_ids(ex, context, n):
+    """The hook's draw ids of an example's ``n`` KL samples under ``context``."""
+    first = zlib.crc32(f"arithmetic\0{ex.id}\0{context}\0kl".encode()) % (2**31 // n)
+    return first * n + np.arange(n)
+
+
+def test_hook_kl_is_the_exact_kl_of_the_policys_own_temperature_1_samples_per_completion():
     sampler, base, hook = _kl_setup(kl_samples=2)
     task = ArithmeticTask()
-    kl, tokens = hook.kl_to_base(sampler, sampler.params, base, task, "Be exact.")
+    out = hook.run(sampler, sampler.params, base, task, ["Be exact."], "Be exact.")
+    kl, tokens = (np.array(hook.problems[f]["eval/kl_to_base"]) for f in ("kl", "kl_tokens"))
     assert kl.shape == tokens.shape == (3, 2)
     examples = hook.examples(task)
     prompts = sampler.encode([("Be exact.", ex.prompt) for ex in examples])
-    samples = sampler.generate(sampler.params, prompts, n=2, seed=6, temperature=1.0,
-                               prompt_ids=[zlib.crc32(f"arithmetic\0{ex.id}\0Be exact.".encode())
-                                           % 2**30 for ex in examples])
+    # the KL samples alone: each row draws by its own id, whatever else the hook's request held
+    samples = sampler.generate(sampler.params, prompts, n=2, seed=5, temperature=1.0, top_p=1.0,
+                               top_k=0, max_new_tokens=8,
+                               prompt_ids=np.stack([kl_draw_ids(ex, "Be exact.", 2) for ex in examples]))
     rows = samples_to_rows(samples)
     assert rows.loss_mask.sum() == samples.mask.sum() == tokens.sum()
     want, want_rows = numpy_kl(nnx.merge(sampler.graphdef, sampler.params),
                                nnx.merge(sampler.graphdef, base), rows)
     np.testing.assert_allclose(kl.ravel(), want_rows, rtol=1e-4)
-    np.testing.assert_allclose(kl_token_mean(kl, tokens), want, rtol=1e-4)
-    same, _ = hook.kl_to_base(sampler, sampler.params, sampler.params, task, "Be exact.")
-    np.testing.assert_allclose(same, 0.0, atol=1e-6)
+    np.testing.assert_allclose(out["eval/kl_to_base"], want, rtol=1e-4)
+    assert out["eval/kl_to_base_original"] == out["eval/kl_to_base"]  # rl mode: one prompt
+    same = hook.run(sampler, sampler.params, sampler.params, task, ["Be exact."], "Be exact.")
+    np.testing.assert_allclose(same["eval/kl_to_base"], 0.0, atol=1e-6)
 
 
 def test_hook_measures_kl_under_the_evaluated_context_and_the_original_prompt():
     sampler, base, hook = _kl_setup(kl_samples=2)
     task = ArithmeticTask()
     out = hook.run(sampler, sampler.params, base, task, ["Evolved: be exact."], "Be exact.")
-    kl = {c: hook.kl_to_base(sampler, sampler.params, base, task, c)
-          for c in ("Evolved: be exact.", "Be exact.")}
-    assert out["eval/kl_to_base"] == pytest.approx(kl_token_mean(*kl["Evolved: be exact."]))
-    assert out["eval/kl_to_base_original"] == pytest.approx(kl_token_mean(*kl["Be exact."]))
     assert out["eval/kl_to_base"] != out["eval/kl_to_base_original"]
     for key in ("eval/kl_to_base", "eval/kl_to_base_original"):  # the record recomputes them
         assert kl_token_mean(hook.problems["kl"][key], hook.problems["kl_tokens"][key]) == \
             pytest.approx(out[key], rel=1e-12)
-    only = _kl_setup(kl_contexts=("original",))[2]
-    assert "eval/kl_to_base" not in only.run(sampler, sampler.params, base, task, ["E."], "Be exact.")
+    only = _kl_setup(kl_samples=2, kl_contexts=("original",))[2]
+    alone = only.run(sampler, sampler.params, base, task, ["Evolved: be exact."], "Be exact.")
+    assert "eval/kl_to_base" not in alone  # and the original prompt's samples are the same ones
+    assert alone["eval/kl_to_base_original"] == pytest.approx(out["eval/kl_to_base_original"], rel=1e-5)
     with pytest.raises(ConfigError, match="kl_contexts"):
         EvaluationConfig(kl_contexts=("best", "best"))
+
+
+def test_hook_samples_each_prompt_once_per_weights_with_its_greedy_tempered_and_kl_samples():
+    sampler, base, _ = _kl_setup()
+    hook = EvaluationHook(EvaluationConfig(num_examples=3, k=2, max_new_tokens=8, kl_samples=2,
+                                           two_by_two=True))
+    calls = []
+    generate = sampler.generate
+
+    def recording(params, prompts, n=1, seed=0, temperature=None, *args, **kw):
+        calls.append((params is base, prompts.num_prompts, n, list(np.broadcast_to(temperature, (n,)))))
+        return generate(params, prompts, n, seed, temperature, *args, **kw)
+
+    sampler.generate = recording
+    out = hook.run(sampler, sampler.params, base, ArithmeticTask(), ["Evolved: be exact."], "Be exact.")
+    # 3 examples x 2 prompts: one request of the trained weights (greedy, k = 2 at T 0.6, 2 KL
+    # samples at T 1 each), one of the base weights' greedy samples for the 2x2
+    assert calls == [(False, 6, 5, [0.0, 0.6, 0.6, 1.0, 1.0]), (True, 6, 1, [0.0])]
+    assert {"eval/kl_to_base", "eval/kl_to_base_original", "eval/2x2/base/evolved"} <= set(out)
+    hook.run(sampler, sampler.params, base, ArithmeticTask(), ["Evolved: be exact."], "Be exact.")
+    assert calls[2:] == [calls[0]]  # later evaluations: the base's greedy samples are remembered
 
 
 def test_hook_grades_the_base_weights_greedily_once_per_example_and_context():
@@ -264,14 +298,14 @@ def test_hook_grades_the_base_weights_greedily_once_per_example_and_context():
     gen = StubGenerator([task], 8)
     base = {"skill": 1}
     first = hook.run(gen, {"skill": 4}, base, task, [f"A. {HINT}"], "A.")
-    assert [c[0] for c in gen.calls] == [4, 4, 1]
+    assert [c[0] for c in gen.calls] == [4, 1]
     again = hook.run(gen, {"skill": 4}, base, task, [f"A. {HINT}"], "A.")
-    assert [c[0] for c in gen.calls[3:]] == [4, 4]  # sampled and greedy of the trained weights
+    assert [c[0] for c in gen.calls[2:]] == [4]  # sampled and greedy of the trained weights
     assert again == first
     hook.run(gen, {"skill": 4}, base, task, [f"B. {HINT}"], "A.")
     assert {ctx for ctx, _ in gen.calls[-1][1]} == {f"B. {HINT}"} and gen.calls[-1][0] == 1
     gepa = hook.run(gen, base, base, task, [f"B. {HINT}"], "A.")
-    assert [(c[0], c[3]) for c in gen.calls[-1:]] == [(1, 0.6)]  # only the sampled call
+    assert [(c[0], c[3]) for c in gen.calls[-1:]] == [(1, [0.6, 0.6])]  # only sampled draws
     assert gepa["eval/2x2/base/evolved"] == gepa["eval/pass@1"] == 3 / 8
     fresh = {"skill": 1}  # a new base-weights object: its scores are not assumed
     hook.run(gen, {"skill": 4}, fresh, task, [f"A. {HINT}"], "A.")

@@ -154,19 +154,20 @@ def test_codeio_pod_dry_run_fits_an_8_x_h100_node():
         "total_gib": round(report["total_bytes"] / GIB, 2)}))
 
 
-def test_pod_dry_run_compiles_the_rollout_the_largest_eval_chunk_and_the_reflection_requests():
+def test_pod_dry_run_compiles_the_rollout_the_largest_eval_call_and_the_reflection_requests():
     from fst_jax.dryrun import GenerateShape
-    from fst_jax.jobs.preflight import _largest_chunk, generate_shapes
+    from fst_jax.jobs.preflight import _largest_call, generate_shapes
 
     job = _load("codeio_pod.yaml")
     rollout, ev, reflection = generate_shapes(job)
     # K = 4 contexts x 32 problems x 2 samples; prompts of 2048 tokens, up to 1024 of context.
     assert rollout == GenerateShape("rollout", 4, 32, 2, 1024, 1024, 1024)
-    # 256 examples x (best, original) then 256 OOD codeio in chunks of 64 prompts: 2 x 32 is the largest.
-    assert ev == GenerateShape("eval", 2, 32, 4, 1024, 1024, 1024)
+    # 256 examples x (best, original) in calls of 64 prompts, each prompt's greedy, k = 4 and KL
+    # samples in one request (the OOD examples are requests of their own, fewer samples).
+    assert ev == GenerateShape("eval", 2, 32, 1 + 4 + job.eval.kl_samples, 1024, 1024, 1024)
     assert reflection == GenerateShape("reflection", 1, job.fast.gepa.parallel_proposals, 1, 256, 8192, 2048)
-    # A chunk across the boundary holds three contexts; padding repeats its last pair.
-    assert _largest_chunk(["a", "b"] * 3 + ["ood"] * 3, 4) == (3, 2)
-    assert _largest_chunk(["a"] * 5, 4) == (1, 4)
+    # the call with the most slots (powers of two, a multiple of the devices rows shard over)
+    assert _largest_call([["a", "b"] * 2 + ["a"], ["ood"] * 3], 1) == (2, 3)
+    assert _largest_call([["a"], ["a", "b", "a"]], 8) == (2, 2)
     rl = generate_shapes(dataclasses.replace(job, mode="rl"))
     assert rl[0] == GenerateShape("rollout", 1, 32, 8, 1024, 1024, 1024) and len(rl) == 2

@@ -12,8 +12,8 @@ from fst_jax.models.configs import tiny
 from fst_jax.models.tokenizer import ByteChatTokenizer
 from fst_jax.models.transformer import init_model, positions_from_mask
 from fst_jax.models.weights import model_params, params_to_hf
-from fst_jax.sampling import (PromptBatch, Sampler, SamplingConfig, filter_logits, first_argmax,
-                               inverse_cdf_draw, share_plan)
+from fst_jax.sampling import (PromptBatch, Sampler, SamplingConfig, chunks, filter_logits,
+                               first_argmax, inverse_cdf_draw, share_plan, slot_shape)
 from fst_jax.sharding import MeshConfig, make_mesh
 
 PAIRS = [("Be brief.", "What is 2+3?"), ("You are a careful calculator.", "7*6?"),
@@ -124,6 +124,39 @@ def test_a_prompt_id_gives_a_prompt_the_same_draws_at_any_position_and_in_any_ch
         sampler.generate_text(sampler.params, PAIRS, prompt_ids=[1])
     with pytest.raises(ConfigError, match=r"in \[0, 2\*\*31 / n\)"):
         sampler.generate(sampler.params, sampler.encode(PAIRS[:1]), n=2, prompt_ids=[2**30])
+
+
+def test_one_request_with_per_sample_knobs_and_row_ids_equals_the_separate_requests(model, tok):
+    """A greedy sample, two at T 0.8 and two at T 1 (top-p 1, top-k 0) of each prompt in one
+    request, rows named by their own ids, give the same tokens as three requests of one kind."""
+    sampler = make_sampler(model, tok, max_new_tokens=8, prompt_buckets=(128,), top_k=5)
+    prompts = sampler.encode(PAIRS)
+    ids = np.arange(15).reshape(3, 5) * 7 + 100
+    together = sampler.generate(sampler.params, prompts, n=5, seed=3,
+                                temperature=[0.0, 0.8, 0.8, 1.0, 1.0], top_p=[None, None, None, 1.0, 1.0],
+                                top_k=[None, None, None, 0, 0], prompt_ids=ids)
+    parts = [sampler.generate(sampler.params, prompts, n=len(js), seed=3, prompt_ids=ids[:, js], **kw)
+             for js, kw in (([0], dict(temperature=0.0)), ([1, 2], dict(temperature=0.8)),
+                            ([3, 4], dict(temperature=1.0, top_p=1.0, top_k=0)))]
+    for js, part in zip(((0,), (1, 2), (3, 4)), parts):
+        sub = together.subset(3, js)
+        np.testing.assert_array_equal(sub.tokens, part.tokens)
+        np.testing.assert_allclose(sub.logprobs, part.logprobs, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(sub.temperature, part.temperature)
+    assert not np.array_equal(parts[1].tokens, parts[2].tokens)  # the knobs did differ
+    with pytest.raises(ConfigError, match="one value or one per sample"):
+        sampler.generate(sampler.params, prompts, n=2, temperature=[0.0, 1.0, 1.0])
+    with pytest.raises(ConfigError, match="prompt_ids of shape"):
+        sampler.generate(sampler.params, prompts, n=2, prompt_ids=ids)
+
+
+def test_requests_split_into_equal_calls_and_slots_round_to_powers_of_two_dividing_the_devices():
+    assert chunks(48, 64) == [range(0, 48)]  # one call, no pair repeated to fill it
+    assert [len(c) for c in chunks(400, 64)] == [57, 57, 57, 58, 57, 57, 57]
+    assert sum(map(len, chunks(5, 2))) == 5 and len(chunks(5, 2)) == 3
+    assert slot_shape(3, 3) == (4, 4) and slot_shape(2, 24) == (2, 32)
+    assert slot_shape(1, 3, 8) == (1, 8) and slot_shape(2, 3, 8) == (2, 4) and slot_shape(4, 4, 8) == (4, 4)
+    assert slot_shape(1, 1, 6) == (1, 8)  # not a power of two: at least as many slots as devices
 
 
 def test_rows_stop_at_eos_and_are_padded_after_it(model, tok):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -100,40 +101,35 @@ def batch_shape(job) -> tuple[int, int]:
             (max(s.prompt_buckets) if prompt is None else prompt) + s.max_new_tokens)
 
 
-def _largest_chunk(contexts: list[str], chunk: int) -> tuple[int, int]:
-    """(distinct contexts, most prompts under one) of the ``chunk``-prompt call (the last padded
-    by repeating its last pair, as ``generate_text`` does) that ``share_plan`` gives the most
-    slots, for pairs whose contexts are ``contexts`` in request order."""
-    from fst_jax.padding import pow2
+def _largest_call(calls: list[list[str]], multiple: int) -> tuple[int, int]:
+    """(distinct contexts, most prompts under one) of the call, among ``calls`` (each a list of
+    its prompts' context labels), that ``slot_shape`` gives the most slots."""
+    from fst_jax.sampling import slot_shape
 
-    best = (1, 1)
-    for start in range(0, len(contexts), chunk):
-        part = contexts[start:start + chunk]
-        counts = Counter(part + [part[-1]] * (chunk - len(part)))
-        shape = (len(counts), max(counts.values()))
-        if pow2(shape[0]) * pow2(shape[1]) > pow2(best[0]) * pow2(best[1]):
-            best = shape
-    return best
+    shapes = [(len(counts), max(counts.values())) for counts in map(Counter, calls)]
+    return max(shapes, key=lambda shape: math.prod(slot_shape(*shape, multiple)))
 
 
-def eval_requests(job) -> tuple[list[str], int]:
-    """The context label of each prompt of one evaluation (the best context and the original
-    prompt on ``eval.num_examples`` examples, then each OOD task's) and the prompts per call."""
-    from fst_jax.sampling import chunk_size
+def eval_requests(job) -> tuple[list[list[str]], int]:
+    """One evaluation's sampler calls with the trained weights, each as its prompts' context
+    labels (the best context and the original prompt on ``eval.num_examples`` examples, then
+    each OOD task's examples, split as ``sampling.chunks`` splits them), and the most samples
+    one prompt gets (greedy, ``eval.k`` and, without OOD, ``eval.kl_samples``: one request)."""
+    from fst_jax.sampling import chunks
 
     ev = job.eval
     main = ["best", "original"] if job.evolves_contexts else ["original"]
-    labels = [c for _ in range(ev.num_examples) for c in main]
-    labels += [t for t in ev.ood_tasks for _ in range(ev.num_examples)]
-    devices = job.mesh.data_size(job.target.devices) * job.mesh.fsdp
-    return labels, chunk_size(len(labels), job.sampling.max_prompts_per_batch, devices)
+    requests = [[c for _ in range(ev.num_examples) for c in main],
+                [t for t in ev.ood_tasks for _ in range(ev.num_examples)]]
+    calls = [labels[c.start:c.stop] for labels in requests if labels
+             for c in chunks(len(labels), job.sampling.max_prompts_per_batch)]
+    return calls, int(ev.greedy) + ev.k + (ev.kl_samples if ev.kl else 0)
 
 
 def generate_shapes(job) -> tuple[GenerateShape, ...]:
     """The loop's largest sampler requests: the rollout (K contexts x ``problems_per_step``
-    prompts x G/K samples), the evaluation's sampled call (the best context and the original
-    prompt on ``eval.num_examples`` examples, then each OOD task's, ``eval.k`` samples; its
-    largest ``generate_text`` chunk) and, for a policy reflector, ``parallel_proposals``
+    prompts x G/K samples), the evaluation's largest call (``eval_requests``: the trained
+    weights' greedy, sampled and KL samples of a chunk of its prompts) and, for a policy reflector, ``parallel_proposals``
     meta-prompts in the largest prompt bucket. A prompt is ``target.prompt_tokens`` (default: the
     largest bucket) long, its context up to ``sampling.max_context_tokens`` of it."""
     s, ev, gepa = job.sampling, job.eval, job.fast.gepa
@@ -143,9 +139,9 @@ def generate_shapes(job) -> tuple[GenerateShape, ...]:
     shapes = [GenerateShape("rollout", K, job.problems_per_step, job.samples_per_problem // K,
                             context, prompt - context, s.max_new_tokens)]
     if ev.every > 0:
-        labels, chunk = eval_requests(job)
-        contexts, prompts = _largest_chunk(labels, chunk)
-        shapes.append(GenerateShape("eval", contexts, prompts, ev.k, context, prompt - context,
+        calls, samples = eval_requests(job)
+        contexts, prompts = _largest_call(calls, job.mesh.data_size(job.target.devices) * job.mesh.fsdp)
+        shapes.append(GenerateShape("eval", contexts, prompts, samples, context, prompt - context,
                                     ev.max_new_tokens or s.max_new_tokens))
     if job.evolves_contexts and gepa.reflection.backend == "policy":
         shapes.append(GenerateShape("reflection", 1, gepa.parallel_proposals, 1, min(s.prompt_buckets),
