@@ -16,7 +16,6 @@ of each batch that share a prompt are found from its data and each such prompt r
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import re
 import time
@@ -34,12 +33,12 @@ from fst_jax.rl.advantages import AdvantageConfig
 from fst_jax.rl.batch import TrainBatch, batch_shardings
 from fst_jax.rl.kl import KL_ESTIMATORS, KLConfig
 from fst_jax.rl.lora import LoraConfig, init_lora, lora_adapters
-from fst_jax.rl.losses import (POLICY_LOSSES, LossConfig, aggregation_weights, policy_loss,
-                               weighted_sum)
+from fst_jax.rl.losses import (POLICY_LOSSES, LossConfig, aggregation_weights, loss_input,
+                               policy_loss, weighted_sum)
 from fst_jax.rl.optimizer import OptimizerConfig, apply_if, learning_rate, make_optimizer
 from fst_jax.distributed import fetch
 from fst_jax.rl.shared_prefix import PrefixLayout, make_prefix_layout, prefix_hidden
-from fst_jax.sharding import batch_sharding, replicated, state_shardings
+from fst_jax.sharding import batch_sharding, in_mesh, replicated, state_shardings
 
 log = logging.getLogger(__name__)
 sg = jax.lax.stop_gradient
@@ -194,18 +193,6 @@ def _unsplit(x, rows=1):
     return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[3:])
 
 
-def _in_mesh(mesh: Mesh) -> Callable[[Callable], Callable]:
-    """Decorator: trace the function with ``mesh`` as the abstract mesh in context, so the
-    model's ``shard_rows`` constraints keep each batch row on its own devices."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        def inner(*args):
-            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-                return fn(*args)
-        return inner
-    return wrap
-
-
 def _check_batch(batch: TrainBatch, cfg: LearnerConfig):
     B = batch.tokens.shape[0]
     if B % cfg.micro_batches:
@@ -259,11 +246,11 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
         logp, ent = token_logprobs(model, mb.tokens, mb.positions, mb.mask, with_entropy=True,
                                    adapters=adapters, chunk=cfg.logits_chunk,
                                    temperature=mb.temperature, prefix=prefix)
-        token_loss, _ = POLICY_LOSSES[cfg.loss.name].fn(logp, mb.sampler_logp, mb.advantages,
-                                                        cfg.loss)
-        total = weighted_sum(token_loss, mb.loss_mask, row_w)
+        inp = loss_input(mb, logp, ent)
+        token_loss, _ = POLICY_LOSSES[cfg.loss.name].fn(inp, cfg.loss)
+        total = weighted_sum(token_loss, inp.mask, row_w)
         if beta > 0:
-            total = total + beta * weighted_sum(kl_fn(logp, mb.ref_logp), mb.loss_mask, row_w)
+            total = total + beta * weighted_sum(kl_fn(inp.logp, inp.ref_logp), inp.mask, row_w)
         return total / denom, (logp, ent)
 
     def loss_weights(batch: TrainBatch):
@@ -276,7 +263,7 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
         rows = 1 if layout is None else layout.rows
         return (jax.tree.map(lambda x: _split(x, k, rows), batch), _split(row_w, k, rows)), rows
 
-    @_in_mesh(mesh)
+    @in_mesh(mesh)
     def step_fn(state: TrainState, batch: TrainBatch, layout: PrefixLayout | None):
         mask = batch.loss_mask
         row_w, row_d, denom_raw, denom = loss_weights(batch)
@@ -307,8 +294,7 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
                                   rng=jax.random.split(state.rng)[0])
 
         # Metrics from the full batch's pre-update log-probs (the values the loss used).
-        pol_sum, _, flags = policy_loss(cfg.loss, logp, batch.sampler_logp, batch.advantages,
-                                        mask, row_w, row_d)
+        pol_sum, _, flags = policy_loss(cfg.loss, loss_input(batch, logp, ent), row_w, row_d)
         ntok = mask.sum()
         tmean = lambda v: jnp.where(mask, v, 0.0).sum() / jnp.maximum(ntok, 1)
         metrics = {"loss": loss, "loss_policy": pol_sum / denom, "grad_norm": grad_norm,
@@ -325,7 +311,7 @@ def make_train_step(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfi
             metrics["loss_kl"] = beta * weighted_sum(kl_tok, mask, row_w) / denom
         return new_state, metrics
 
-    @_in_mesh(mesh)
+    @in_mesh(mesh)
     def compare_fn(state: TrainState, batch: TrainBatch, layout: PrefixLayout):
         """Max abs differences, dense path vs ``layout``, of the completion log-probs and the loss."""
         row_w, _, _, denom = loss_weights(batch)
@@ -398,7 +384,7 @@ def _ref_program(graphdef: nnx.GraphDef, state: TrainState, cfg: LearnerConfig, 
     ``make_ref_logprobs`` for a layout already found (``train_step`` finds it once per step)."""
     k = cfg.micro_batches
 
-    @_in_mesh(mesh)
+    @in_mesh(mesh)
     def fn(state: TrainState, batch: TrainBatch, layout: PrefixLayout | None):
         weights = state.weights() if cfg.lora.enabled else state.ref
         model = nnx.merge(graphdef, weights)

@@ -8,7 +8,7 @@ from flax import nnx
 from fst_jax.rl.advantages import AdvantageConfig
 from fst_jax.rl.batch import shard_batch
 from fst_jax.rl.kl import KL_ESTIMATORS
-from fst_jax.rl.losses import LossConfig
+from fst_jax.rl.losses import POLICY_LOSSES, LossConfig, register_loss
 from fst_jax.rl.train_step import make_ref_logprobs, make_train_step, token_logprobs
 from fst_jax.sharding import MeshConfig, make_mesh
 from rl_helpers import CFG, host_batch, new_state, on_policy, one_device_mesh, to_host
@@ -133,3 +133,18 @@ def test_logged_kl_covers_the_completions_of_dropped_groups_at_their_sampling_te
     _, m = step(state, batch)
     assert float(m["applied"]) == 0 and expected > 1e-4
     assert float(m["kl"]) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.fixture
+def negative_entropy():
+    """A loss registered from this file: ``-entropy`` per token, token mean."""
+    register_loss("test_negative_entropy", "token")(lambda inp, cfg: (-inp.entropy, {}))
+    yield LossConfig(name="test_negative_entropy")
+    del POLICY_LOSSES["test_negative_entropy"]
+
+
+def test_a_registered_loss_gets_the_trainers_entropy_in_the_update_and_the_metrics(negative_entropy):
+    _, m = _one_step(dataclasses.replace(CFG, loss=negative_entropy), one_device_mesh())
+    assert m["entropy"] > 0
+    assert m["loss_policy"] == pytest.approx(-m["entropy"], rel=1e-6)
+    assert m["loss"] == pytest.approx(m["loss_policy"] + m["loss_kl"], rel=1e-6)
