@@ -208,8 +208,9 @@ def test_forecast_prices_each_phase_of_the_loop_from_the_programs_roofline_times
               "batch_shape": [rows, tokens], "num_params": 8_000_000_000}
     f = forecast(job, report)
     assert f["rl_step"] == {"rollout": 10.0, "train": 3.0, "total": 13.0}
-    labels, chunk = eval_requests(job)
-    assert f["evaluation"] == pytest.approx(-(-len(labels) // chunk) * 16.0)
+    calls, samples = eval_requests(job)  # 512 main prompts, then 256 OOD, in calls of <= 64
+    assert len(calls) == 8 + 4 and samples == 1 + job.eval.k + job.eval.kl_samples
+    assert f["evaluation"] == pytest.approx(len(calls) * 16.0)
     ev = {g.name: g for g in generate_shapes(job)}["eval"]
     g = job.fast.gepa  # 960 metric calls + 4 contexts re-scored on 32 x 6 anchor problems
     assert f["gepa_round"]["metric_calls"] == 960 + 4 * 32 * 6
