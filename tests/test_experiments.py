@@ -168,6 +168,6 @@ def test_pod_dry_run_compiles_the_rollout_the_largest_eval_call_and_the_reflecti
     assert reflection == GenerateShape("reflection", 1, job.fast.gepa.parallel_proposals, 1, 256, 8192, 2048)
     # the call with the most slots (powers of two, a multiple of the devices rows shard over)
     assert _largest_call([["a", "b"] * 2 + ["a"], ["ood"] * 3], 1) == (2, 3)
-    assert _largest_call([["a"], ["a", "b", "a"]], 8) == (2, 2)
+    assert _largest_call([["a"], ["a", "b", "a"]], 2) == (2, 2)
     rl = generate_shapes(dataclasses.replace(job, mode="rl"))
     assert rl[0] == GenerateShape("rollout", 1, 32, 8, 1024, 1024, 1024) and len(rl) == 2
