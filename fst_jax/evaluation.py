@@ -333,7 +333,7 @@ class EvaluationHook:
                 texts = [[generator.decode_row(b, p * n + j) for j in range(n)]
                          for b in batches for p in range(b.prompts.num_prompts)]
                 kl.update(zip(keys, (pair for b in batches for pair in self._exact_kl(
-                    params, base_params, b.subset(b.prompts.num_prompts, spans["kl"])))))
+                    params, base_params, b.subset(spans["kl"])))))
             else:
                 texts = generator.generate_text(params, pairs, **request)
             if len(texts) != len(keys) or any(len(t) != n for t in texts):

@@ -127,19 +127,15 @@ class Samples:
     def prompt_index(self) -> np.ndarray:
         return np.arange(self.tokens.shape[0]) // self.n
 
-    def subset(self, prompts: int, samples: Sequence[int]) -> "Samples":
-        """The first ``prompts`` prompt rows with, of each, the samples ``samples`` (indices
-        ``< n``, in that order): ``len(samples)`` rows per prompt."""
+    def subset(self, samples: Sequence[int]) -> "Samples":
+        """Of every prompt, the samples ``samples`` (indices ``< n``, in that order):
+        ``len(samples)`` rows per prompt."""
         js = np.asarray(samples, np.int64)
-        require(0 < prompts <= self.prompts.num_prompts and js.size > 0 and js.min() >= 0
-                and js.max() < self.n, f"no subset {prompts} prompts x samples {list(js)} of "
-                f"{self.prompts.num_prompts} x {self.n}")
-        rows = (np.arange(prompts)[:, None] * self.n + js).reshape(-1)
-        p = self.prompts
-        head = PromptBatch(p.tokens[:prompts], p.mask[:prompts], p.context_lengths[:prompts],
-                           p.lengths[:prompts])
-        return Samples(head, len(js), *(a[rows] for a in (self.tokens, self.logprobs, self.mask,
-                                                          self.lengths, self.finished, self.temperature)))
+        require(js.size > 0 and js.min() >= 0 and js.max() < self.n,
+                f"no samples {list(js)} among {self.n} per prompt")
+        rows = (np.arange(self.prompts.num_prompts)[:, None] * self.n + js).reshape(-1)
+        return Samples(self.prompts, len(js), *(a[rows] for a in (
+            self.tokens, self.logprobs, self.mask, self.lengths, self.finished, self.temperature)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -139,7 +139,7 @@ def test_one_request_with_per_sample_knobs_and_row_ids_equals_the_separate_reque
              for js, kw in (([0], dict(temperature=0.0)), ([1, 2], dict(temperature=0.8)),
                             ([3, 4], dict(temperature=1.0, top_p=1.0, top_k=0)))]
     for js, part in zip(((0,), (1, 2), (3, 4)), parts):
-        sub = together.subset(3, js)
+        sub = together.subset(js)
         np.testing.assert_array_equal(sub.tokens, part.tokens)
         np.testing.assert_allclose(sub.logprobs, part.logprobs, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(sub.temperature, part.temperature)

@@ -129,8 +129,8 @@ def eval_requests(job) -> tuple[list[list[str]], int]:
 def generate_shapes(job) -> tuple[GenerateShape, ...]:
     """The loop's largest sampler requests: the rollout (K contexts x ``problems_per_step``
     prompts x G/K samples), the evaluation's largest call (``eval_requests``: the trained
-    weights' greedy, sampled and KL samples of a chunk of its prompts) and, for a policy reflector, ``parallel_proposals``
-    meta-prompts in the largest prompt bucket. A prompt is ``target.prompt_tokens`` (default: the
+    weights' greedy, sampled and KL samples of a chunk of its prompts) and, for a policy
+    reflector, ``parallel_proposals`` meta-prompts in the largest prompt bucket. A prompt is ``target.prompt_tokens`` (default: the
     largest bucket) long, its context up to ``sampling.max_context_tokens`` of it."""
     s, ev, gepa = job.sampling, job.eval, job.fast.gepa
     prompt = max(s.prompt_buckets) if job.target.prompt_tokens is None else job.target.prompt_tokens
